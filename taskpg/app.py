@@ -1,0 +1,251 @@
+"""``TaskPG``: settings, the task registry and ``@app.task``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from . import codec, embedded, migrate
+from .broker import Database
+from .buffer import BufferProducer
+from .dsn import configured_dsn
+from .exceptions import ConfigurationError, NotRegistered
+from .limits import QueueOptions, check_key_templates
+from .options import VIA_CHOICES, TaskOptions, validate_queue_name, validate_task_name
+from .periodic import Schedule
+from .result import AsyncResult
+from .retention import Retention
+from .schema import DEFAULT_SCHEMA, validate_schema_name
+from .task import Task
+from .throttle import parse_rate
+
+logger = logging.getLogger("taskpg")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TaskRegistry(dict[str, Task[Any, Any]]):
+    """Task name -> Task. A missing name raises ``NotRegistered``."""
+
+    def __missing__(self, name: str) -> Task[Any, Any]:
+        raise NotRegistered(name)
+
+
+class TaskPG:
+    """A taskpg application: where jobs are stored and which tasks exist.
+
+    ``dsn`` falls back to TASKPG_DSN, then DATABASE_URL; with none of them an embedded
+    Postgres is started under ``data_dir`` (and migrated automatically). ``schema`` is the
+    Postgres schema holding taskpg's tables (default ``taskpg``, or TASKPG_SCHEMA).
+    ``redis_url`` (or TASKPG_REDIS_URL) enables the Redis spike buffer; ``default_via="buffer"``
+    sends every enqueue through it unless a task or a call says otherwise.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str | None = None,
+        default_queue: str = "default",
+        pool_size: int = 10,
+        max_payload_bytes: int = codec.DEFAULT_MAX_PAYLOAD_BYTES,
+        auto_migrate: bool | None = None,
+        data_dir: str | Path | None = None,
+        redis_url: str | None = None,
+        default_via: str = "db",
+    ) -> None:
+        self.schema = validate_schema_name(schema or os.environ.get("TASKPG_SCHEMA") or DEFAULT_SCHEMA)
+        self.default_queue = validate_queue_name(default_queue, "default_queue")
+        if max_payload_bytes <= 0:
+            raise ConfigurationError("max_payload_bytes must be positive")
+        self.max_payload_bytes = max_payload_bytes
+        self.pool_size = pool_size
+        self.auto_migrate = auto_migrate
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.redis_url = redis_url or os.environ.get("TASKPG_REDIS_URL") or None
+        if default_via not in VIA_CHOICES:
+            raise ConfigurationError(f"default_via={default_via!r}: expected one of {VIA_CHOICES}")
+        if default_via == "buffer" and self.redis_url is None:
+            raise ConfigurationError("default_via='buffer' needs redis_url= (or TASKPG_REDIS_URL)")
+        self.default_via = default_via
+        self._buffer: BufferProducer | None = None
+        self.tasks = TaskRegistry()
+        self._periodic: list[Schedule] = []
+        self.queues: dict[str, QueueOptions] = {}
+        self.retention: dict[str | None, Retention] = {None: Retention()}
+        self._dsn = configured_dsn(dsn)
+        self._db: Database | None = None
+        self._lock = threading.Lock()
+
+    # -- where the data lives ----------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """The database DSN; starts the embedded Postgres on first use when none is configured."""
+        if self._dsn is None:
+            with self._lock:
+                if self._dsn is None:
+                    self._dsn = embedded.start(self.data_dir)
+                    if self.auto_migrate is None:
+                        self.auto_migrate = True
+        return self._dsn
+
+    @property
+    def db(self) -> Database:
+        """The connection pool and statements (created on first use)."""
+        if self._db is None:
+            dsn = self.dsn
+            with self._lock:
+                if self._db is None:
+                    if self.auto_migrate:
+                        migrate.upgrade(dsn, self.schema)
+                    self._db = Database(dsn, self.schema, self.pool_size)
+        return self._db
+
+    def configure(self, dsn: str | None = None, schema: str | None = None, redis_url: str | None = None) -> None:
+        """Point the app elsewhere before it is first used (what the CLI's --dsn/--schema do)."""
+        if not (dsn or schema or redis_url):
+            return
+        if self._db is not None or self._buffer is not None:
+            raise ConfigurationError("configure() must come before the app's first use of the database or Redis")
+        if dsn:
+            self._dsn = dsn
+        if schema:
+            self.schema = validate_schema_name(schema)
+        if redis_url:
+            self.redis_url = redis_url
+
+    @property
+    def buffer(self) -> BufferProducer:
+        """The Redis buffer producer (needs ``redis_url``)."""
+        if self._buffer is None:
+            if self.redis_url is None:
+                raise ConfigurationError("via='buffer' needs an app with redis_url= (or TASKPG_REDIS_URL)")
+            with self._lock:
+                if self._buffer is None:
+                    self._buffer = BufferProducer(self, self.redis_url)
+        return self._buffer
+
+    def migrate(self, revision: str = "head") -> None:
+        """Apply the Alembic migrations to this app's schema (what ``taskpg migrate`` does)."""
+        migrate.upgrade(self.dsn, self.schema, revision)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: F) -> Task[Any, Any]: ...
+
+    @overload
+    def task(self, fn: None = None, *, name: str | None = None, **options: Any) -> Callable[[F], Task[Any, Any]]: ...
+
+    def task(
+        self, fn: Callable[..., Any] | None = None, *, name: str | None = None, **options: Any
+    ) -> Task[Any, Any] | Callable[[Callable[..., Any]], Task[Any, Any]]:
+        """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., max_retries=...)``.
+
+        The default name is ``module.qualname`` (as in Celery); registering a name twice is an
+        error. Options are validated here, so a bad value fails at import time.
+        """
+        task_options = TaskOptions.build(default_queue=self.default_queue, **options)
+
+        def register(function: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = validate_task_name(f"{function.__module__}.{function.__qualname__}" if name is None else name)
+            if task_name in self.tasks:
+                raise ConfigurationError(f"a task named {task_name!r} is already registered")
+            task: Task[Any, Any] = Task(self, function, task_name, task_options)
+            check_key_templates(task)
+            self.tasks[task_name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def add_periodic(
+        self,
+        task: Task[Any, Any],
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        timezone: str = "UTC",
+        catch_up: str = "latest",
+        catch_up_limit: int = 100,
+    ) -> Schedule:
+        """Run ``task`` with these arguments on a schedule (Celery's ``add_periodic_task``).
+
+        ``catch_up`` says what happens to ticks missed while no beat ran: ``latest`` runs the most
+        recent one once, ``skip`` runs none, ``all`` runs each (at most ``catch_up_limit``).
+        """
+        seconds = float(every.total_seconds() if isinstance(every, timedelta) else every) if every is not None else None
+        codec.encode_arguments(task.name, args, kwargs or {})  # JSON check now, not at the first tick
+        schedule = Schedule(
+            name=name or f"{task.name}[{cron or ('' if seconds is None else f'every {seconds:g}s')}]",
+            task=task.name,
+            cron=cron,
+            every=seconds,
+            timezone=timezone,
+            args=tuple(args),
+            kwargs=dict(kwargs or {}),
+            catch_up=catch_up,
+            catch_up_limit=catch_up_limit,
+        )
+        if any(existing.name == schedule.name for existing in self.schedules()):
+            raise ConfigurationError(f"a periodic schedule named {schedule.name!r} already exists")
+        self._periodic.append(schedule)
+        return schedule
+
+    def schedules(self) -> list[Schedule]:
+        """Every periodic schedule: tasks declared with cron=/every=, then ``add_periodic`` ones."""
+        declared = [
+            Schedule(
+                name=t.name,
+                task=t.name,
+                cron=t.options.cron,
+                every=t.options.every,
+                timezone=t.options.timezone or "UTC",
+                catch_up=t.options.catch_up,
+            )
+            for t in self.tasks.values()
+            if t.options.cron is not None or t.options.every is not None
+        ]
+        names = [s.name for s in declared + self._periodic]
+        if len(names) != len(set(names)):
+            raise ConfigurationError(
+                f"two periodic schedules share a name: {sorted(n for n in names if names.count(n) > 1)}"
+            )
+        return declared + list(self._periodic)
+
+    def queue(self, name: str, *, rate_limit: str | float | None = None, concurrency: int | None = None) -> None:
+        """Limits for every job of a queue, across all workers: ``rate_limit`` ("N/period", starts
+        per sliding window) and ``concurrency`` (most jobs running at once)."""
+        validate_queue_name(name)
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise ConfigurationError(f"concurrency={concurrency!r}: expected an integer >= 1")
+        rate = parse_rate(rate_limit, "rate_limit") if rate_limit is not None else None
+        self.queues[name] = QueueOptions(name, rate, concurrency)
+
+    def set_retention(self, queue: str | None = None, **rule: Any) -> None:
+        """How long finished jobs are kept (seconds per state; ``max_count`` per state and queue),
+        for one queue or (queue=None) for every queue without a rule of its own. Beat prunes."""
+        rule = {k: v.total_seconds() if isinstance(v, timedelta) else v for k, v in rule.items()}
+        try:
+            self.retention[queue] = Retention(**rule)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"set_retention({queue!r}): {exc}") from exc
+
+    def AsyncResult(self, id: str) -> AsyncResult:
+        """A handle for an existing job id."""
+        return AsyncResult(self, str(id))

@@ -1,0 +1,304 @@
+"""The ``taskpg`` command: worker, migrate, status, inspect, dead, demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import deadletter, migrate, ops
+from .app import TaskPG
+from .beat import Beat, describe_schedules
+from .dsn import redact
+from .exceptions import TaskpgError
+from .flusher import Flusher
+from .worker import Worker, WorkerSettings
+
+
+def load_app(spec: str) -> tuple[TaskPG, str]:
+    """``module`` or ``module:attribute`` -> (app, module name). Without an attribute, the
+    module's ``app`` (or its only TaskPG instance) is used."""
+    module_name, _, attribute = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    if attribute:
+        app = getattr(module, attribute, None)
+    else:
+        app = getattr(module, "app", None)
+        if not isinstance(app, TaskPG):
+            found = [v for v in vars(module).values() if isinstance(v, TaskPG)]
+            app = found[0] if len(found) == 1 else None
+    if not isinstance(app, TaskPG):
+        raise SystemExit(f"taskpg: no TaskPG app found in {spec!r}: name it as MODULE:ATTRIBUTE")
+    return app, module_name
+
+
+_opened: list[TaskPG] = []  # apps made by this command, closed when it ends
+
+
+def app_from_args(args: argparse.Namespace) -> TaskPG:
+    """The -A app (its tasks registered), with --dsn/--schema overriding its settings."""
+    app = _app_from_args(args)
+    _opened.append(app)
+    return app
+
+
+def _app_from_args(args: argparse.Namespace) -> TaskPG:
+    if not args.app:
+        return TaskPG(args.dsn, schema=args.schema, redis_url=args.redis_url)
+    app, _ = load_app(args.app)
+    app.configure(dsn=args.dsn, schema=args.schema, redis_url=args.redis_url)
+    return app
+
+
+def _print_table(rows: list[list[Any]], header: list[str]) -> None:
+    table = [header, *[["" if v is None else str(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    module = args.app.partition(":")[0]
+    settings = WorkerSettings(
+        queues=[q.strip() for q in args.queues.split(",") if q.strip()],
+        concurrency=args.concurrency,
+        pool=args.pool,
+        prefetch=args.prefetch,
+        poll_interval=args.poll_interval,
+        heartbeat_interval=args.heartbeat,
+        rescue_after=args.rescue_after,
+        grace=args.grace,
+        modules=[module],
+        flush_buffer=not args.no_flush,
+    )
+    if not args.beat:
+        return Worker(app, settings).run()
+    beat = Beat(app, flush_buffer=False)  # the worker runs the flusher already
+    thread = threading.Thread(target=beat.run, name="taskpg-beat", daemon=True)
+    thread.start()
+    try:
+        return Worker(app, settings).run()
+    finally:
+        beat.stop()
+        thread.join(10)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    if args.action == "upgrade":
+        migrate.upgrade(app.dsn, app.schema, args.revision or "head")
+    elif args.action == "downgrade":
+        migrate.downgrade(app.dsn, app.schema, args.revision or "-1")
+    revision = migrate.current(app.dsn, app.schema)
+    print(f"schema {app.schema!r} in {redact(app.dsn)}: revision {revision or 'none (not migrated)'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    counts = ops.job_counts(app.db)
+    states = ["available", "scheduled", "running", "succeeded", "dead", "cancelled"]
+    workers = ops.workers(app.db)
+    limits = ops.limit_stats(app.db)
+    buffer = None
+    if app.redis_url is not None:
+        depth, oldest = app.buffer.depth()
+        buffer = {"depth": depth, "oldest_enqueued_at": oldest}
+    if args.json:
+        report = {"jobs": counts, "workers": workers, "buffer": buffer, "tasks": limits}
+        print(json.dumps(report, default=str, indent=2))
+        return 0
+    print("jobs:")
+    _print_table([[q, *[counts[q].get(s, 0) for s in states]] for q in sorted(counts)], ["queue", *states])
+    print("\nworkers:")
+    _print_table(
+        [
+            [
+                w["id"][:8],
+                w["hostname"],
+                w["pid"],
+                ",".join(w["queues"]),
+                w["concurrency"],
+                w["heartbeat_at"],
+                "alive" if w["alive"] else "silent",
+            ]
+            for w in workers
+        ],
+        ["id", "host", "pid", "queues", "concurrency", "last heartbeat", "state"],
+    )
+    if limits:
+        print("\nthrottled and snoozed, per task:")
+        _print_table([[t, s["throttled"], s["snoozed"]] for t, s in limits.items()], ["task", "throttled", "snoozed"])
+    if buffer is not None:
+        print(f"\nredis buffer: {buffer['depth']} envelope(s) waiting; oldest pushed at {buffer['oldest_enqueued_at']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    job = ops.inspect_job(app.db, args.job_id)
+    if job is None:
+        print(f"taskpg: no job {args.job_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(job, default=str, indent=2))
+    return 0
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    if args.action == "list":
+        jobs = deadletter.list_dead(app.db, args.queue, args.task, args.limit)
+        _print_table(
+            [[j.id, j.task, j.queue, j.attempts, j.died_at, f"{j.error_type}: {j.error_message}"] for j in jobs],
+            ["id", "task", "queue", "attempts", "died at", "last error"],
+        )
+    elif args.action == "retry":
+        if not args.ids and not args.all:
+            raise SystemExit("taskpg dead retry: name job ids, or --all (optionally with --queue/--task)")
+        count = deadletter.retry_dead(app.db, None if args.all else args.ids, args.queue, args.task)
+        print(f"{count} dead job(s) made available again")
+    elif args.action == "purge":
+        if args.older_than is None:
+            raise SystemExit("taskpg dead purge: --older-than is required (e.g. --older-than 7d)")
+        count = deadletter.purge_dead(app.db, deadletter.parse_duration(args.older_than), args.queue, args.task)
+        print(f"{count} dead job(s) deleted")
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    if args.list:
+        return cmd_schedules(args)
+    return Beat(app, leader_election=not args.no_leader, flush_buffer=not args.no_flush).run()
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    rows = describe_schedules(app)
+    _print_table(
+        [[r["name"], r["task"], r["when"], r["catch_up"], r["last"] or "never", r["next"]] for r in rows],
+        ["schedule", "task", "when", "catch-up", "last fired", "next"],
+    )
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    app = app_from_args(args)
+    if app.redis_url is None:
+        raise SystemExit("taskpg flush: no Redis configured (redis_url=, TASKPG_REDIS_URL or --redis-url)")
+    count = Flusher(app).drain()
+    print(f"flushed {count} envelope(s) into Postgres")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    demo.app.configure(dsn=args.dsn, schema=args.schema)
+    return demo.run(jobs=args.jobs, concurrency=args.concurrency)
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-A", "--app", help="MODULE[:ATTRIBUTE] holding the TaskPG app")
+    common.add_argument("--dsn", help="database DSN (default: the app's, TASKPG_DSN, DATABASE_URL)")
+    common.add_argument("--schema", help="Postgres schema of taskpg's tables (default: taskpg)")
+    common.add_argument("--redis-url", help="Redis of the spike buffer (default: the app's, TASKPG_REDIS_URL)")
+    common.add_argument("-l", "--loglevel", default="info", help="debug, info, warning, error")
+
+    parser = argparse.ArgumentParser(prog="taskpg", description="A Celery-style task queue on PostgreSQL.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", parents=[common], help="run jobs")
+    worker.add_argument("-Q", "--queues", default="default", help="comma-separated queues (default: default)")
+    worker.add_argument("-c", "--concurrency", type=int, default=10, help="jobs run at once (default: 10)")
+    worker.add_argument("--pool", choices=["threads", "processes", "async"], default="threads")
+    worker.add_argument(
+        "--prefetch", type=int, default=None, help="extra jobs buffered (default: 4 x concurrency; 0 for long jobs)"
+    )
+    worker.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown")
+    worker.add_argument("--poll-interval", type=float, default=2.0, help="safety-net poll when idle (s)")
+    worker.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s)")
+    worker.add_argument("--rescue-after", type=float, default=30.0, help="rescue jobs of workers silent this long")
+    worker.add_argument("--beat", action="store_true", help="also run the periodic scheduler in this process")
+    worker.add_argument("--no-flush", action="store_true", help="do not run the Redis buffer flusher here")
+    worker.set_defaults(func=cmd_worker)
+
+    beat = sub.add_parser("beat", parents=[common], help="enqueue periodic jobs, exactly once per tick")
+    beat.add_argument("--list", action="store_true", help="show the schedules with their last and next ticks")
+    beat.add_argument("--no-leader", action="store_true", help="skip leader election (ticks stay exactly-once)")
+    beat.add_argument("--no-flush", action="store_true", help="do not run the Redis buffer flusher here")
+    beat.set_defaults(func=cmd_beat)
+
+    schedules = sub.add_parser("schedules", parents=[common], help="the periodic schedules (= beat --list)")
+    schedules.set_defaults(func=cmd_schedules)
+
+    flush = sub.add_parser("flush", parents=[common], help="move everything in the Redis buffer into Postgres once")
+    flush.set_defaults(func=cmd_flush)
+
+    mig = sub.add_parser("migrate", parents=[common], help="apply or inspect database migrations")
+    mig.add_argument("action", nargs="?", choices=["upgrade", "downgrade", "current"], default="upgrade")
+    mig.add_argument("revision", nargs="?", help="target (default: head for upgrade, -1 for downgrade)")
+    mig.set_defaults(func=cmd_migrate)
+
+    status = sub.add_parser("status", parents=[common], help="jobs per queue and state, workers")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    insp = sub.add_parser("inspect", parents=[common], help="one job with its error history")
+    insp.add_argument("job_id")
+    insp.set_defaults(func=cmd_inspect)
+
+    dead = sub.add_parser("dead", parents=[common], help="list, retry or purge dead jobs")
+    dead.add_argument("action", choices=["list", "retry", "purge"])
+    dead.add_argument("ids", nargs="*", help="job ids (retry)")
+    dead.add_argument("--all", action="store_true", help="retry every dead job matching the filters")
+    dead.add_argument("--queue")
+    dead.add_argument("--task")
+    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--older-than", help="purge: age such as 7d, 24h, 30m")
+    dead.set_defaults(func=cmd_dead)
+
+    demo = sub.add_parser("demo", parents=[common], help="a self-contained tour on the embedded Postgres")
+    demo.add_argument("--jobs", type=int, default=300)
+    demo.add_argument("-c", "--concurrency", type=int, default=8)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.loglevel).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command in ("worker", "beat", "schedules") and not args.app:
+        raise SystemExit(f"taskpg {args.command}: -A MODULE[:APP] is required")
+    try:
+        code: int = args.func(args)
+    except (TaskpgError, ValueError, TimeoutError) as exc:
+        print(f"taskpg: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            print(f"taskpg: Redis error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        while _opened:
+            _opened.pop().close()
+    return code

@@ -1,0 +1,85 @@
+"""JSON encoding of job arguments and results. JSON only: taskpg never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .exceptions import PayloadDecodeError, SerializationError
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def dumps(value: Any) -> str:
+    """Encode one JSON value; raises TypeError/ValueError for values JSON cannot hold."""
+    return _encoder.encode(value)
+
+
+def loads(text: str | bytes) -> Any:
+    """Decode one JSON value; raises PayloadDecodeError on malformed input."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadDecodeError(f"payload is not valid JSON: {exc}") from exc
+
+
+def _describe_bad_argument(task: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    for index, value in enumerate(args):
+        try:
+            dumps(value)
+        except (TypeError, ValueError) as exc:
+            return f"task {task!r}: positional argument {index} ({type(value).__name__}) is not JSON: {exc}"
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            return f"task {task!r}: keyword names must be strings, got {key!r}"
+        try:
+            dumps(value)
+        except (TypeError, ValueError) as exc:
+            return f"task {task!r}: keyword argument {key!r} ({type(value).__name__}) is not JSON: {exc}"
+    return f"task {task!r}: arguments are not JSON-serialisable"
+
+
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _has_nul(json_text: str) -> bool:
+    """Whether JSON text encodes a NUL character (jsonb and text columns cannot hold one)."""
+    return "\\u0000" in json_text and _NUL_ESCAPE.search(json_text) is not None
+
+
+def encode_arguments(
+    task: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> tuple[str, str]:
+    """Encode args and kwargs as two JSON texts, naming the task and argument on failure."""
+    try:
+        args_json = dumps(list(args))
+        kwargs_json = dumps(dict(kwargs))
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(_describe_bad_argument(task, args, kwargs)) from exc
+    if any(not isinstance(key, str) for key in kwargs):
+        raise SerializationError(_describe_bad_argument(task, args, kwargs))
+    if _has_nul(args_json) or _has_nul(kwargs_json):
+        raise SerializationError(
+            f"task {task!r}: arguments contain a NUL character (\\u0000), which Postgres cannot store"
+        )
+    size = len(args_json.encode()) + len(kwargs_json.encode())
+    if size > max_bytes:
+        raise SerializationError(
+            f"task {task!r}: arguments take {size} bytes as JSON, over the limit of {max_bytes} bytes"
+        )
+    return args_json, kwargs_json
+
+
+def encode_result(value: Any) -> str:
+    """Encode a task's return value; non-JSON values become their repr, tagged so."""
+    try:
+        return dumps(value)
+    except (TypeError, ValueError):
+        return dumps({"__taskpg_unserialisable__": repr(value)})

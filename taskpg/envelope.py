@@ -1,0 +1,160 @@
+"""The Redis buffer's envelope: one JSON object per job, documented so any language can RPUSH one.
+
+Full form (every key but ``task`` optional)::
+
+    {"id": "<uuid>", "task": "emails.send", "args": [1], "kwargs": {"subject": "hi"},
+     "queue": "emails", "priority": 0, "eta": "2026-01-01T08:00:00+00:00", "countdown": 30,
+     "enqueued_at": "2026-01-01T07:59:59.123+00:00", "max_attempts": 4}
+
+Short form: ``{"kind": "emails.send", "payload": {"subject": "hi"}}`` (payload = keyword arguments).
+
+Decoding never drops anything: an envelope that cannot be turned into a job becomes a dead job
+that keeps the raw text and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import codec
+from .enqueue import NewJob
+from .exceptions import ConfigurationError, NotRegistered
+from .job import new_job_id
+from .options import validate_priority, validate_queue_name
+from .task import Task
+
+#: Task name given to a dead job made from an envelope that could not be decoded at all.
+UNDECODABLE_TASK = "taskpg.undecodable_envelope"
+#: The longest delay an envelope may ask for (ten years).
+MAX_COUNTDOWN = 10 * 365 * 86400.0
+
+
+def encode(job: NewJob, enqueued_at: dt.datetime | None = None) -> str:
+    """The envelope text for a job built by ``Task._prepare``."""
+    return codec.dumps(
+        {
+            "id": job.id,
+            "task": job.task,
+            "args": codec.loads(job.args),
+            "kwargs": codec.loads(job.kwargs),
+            "queue": job.queue,
+            "priority": job.priority,
+            "eta": job.eta.isoformat() if job.eta else None,
+            "countdown": job.countdown or None,
+            "max_attempts": job.max_attempts,
+            "unique_key": job.unique_key,
+            "enqueued_at": (enqueued_at or dt.datetime.now(dt.timezone.utc)).isoformat(),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An envelope that cannot become a runnable job: stored as a dead job with the reason."""
+
+    job: NewJob
+    reason: str
+
+
+def decode(
+    raw: bytes | str,
+    tasks: Mapping[str, Task[Any, Any]],
+    max_bytes: int,
+    make_id: Callable[[], str] = new_job_id,
+) -> NewJob | Rejected:
+    """Turn one envelope into a job, or into a Rejected (dead job) that keeps the raw payload.
+
+    ``make_id`` gives the id of an envelope that carries none; the flusher derives it from the
+    envelope's place in its batch, so that writing the same batch twice yields the same ids.
+    """
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    if len(text.encode()) > max_bytes:
+        return _rejected(text, f"envelope takes {len(text.encode())} bytes, over the limit of {max_bytes}", make_id)
+    try:
+        data = codec.loads(text)
+    except Exception as exc:
+        return _rejected(text, f"envelope is not JSON: {exc}", make_id)
+    if not isinstance(data, dict):
+        return _rejected(text, "envelope is not a JSON object", make_id)
+    if "kind" in data and "task" not in data:  # short form
+        data = {"task": data["kind"], "kwargs": data.get("payload") or {}, "id": data.get("id")}
+    name = data.get("task")
+    if not isinstance(name, str):
+        return _rejected(text, "envelope has no task name ('task' or 'kind')", make_id)
+    try:
+        return _job(data, name, tasks, make_id)
+    except NotRegistered:
+        return _rejected(text, f"unknown task {name!r}: no task of that name is registered", make_id, data)
+    except Exception as exc:  # any other bad value: a dead job with the reason, never a stuck batch
+        return _rejected(text, f"envelope is invalid: {exc}", make_id, data)
+
+
+def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Task[Any, Any]], make_id: Callable[[], str]) -> NewJob:
+    task = tasks[name]
+    args = data.get("args") or []
+    kwargs = data.get("kwargs") or {}
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError("'args' must be a list and 'kwargs' an object")
+    job_id = str(uuid.UUID(str(data["id"]))) if data.get("id") is not None else make_id()
+    eta = dt.datetime.fromisoformat(data["eta"]) if data.get("eta") else None
+    countdown = float(data.get("countdown") or 0)
+    if not 0 <= countdown <= MAX_COUNTDOWN:
+        raise ValueError(f"'countdown' must be between 0 and {MAX_COUNTDOWN:g} seconds")
+    enqueued_at = data.get("enqueued_at")
+    if countdown and enqueued_at and eta is None:  # the delay counts from the push, not the flush
+        eta = dt.datetime.fromisoformat(enqueued_at) + dt.timedelta(seconds=countdown)
+        countdown = 0.0
+    if eta is not None and eta.tzinfo is None:
+        raise ValueError("'eta' and 'enqueued_at' need a time zone offset")
+    max_attempts = data.get("max_attempts")
+    max_attempts = task.options.max_attempts if max_attempts is None else max_attempts
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 2**31 - 1:
+        raise ValueError("'max_attempts' must be an integer from 1 to 2147483647")
+    priority = data.get("priority")
+    args_json, kwargs_json = codec.encode_arguments(name, args, kwargs, 2**31)
+    return NewJob(
+        id=job_id,
+        task=name,
+        queue=validate_queue_name(data.get("queue") or task.options.queue),
+        args=args_json,
+        kwargs=kwargs_json,
+        priority=validate_priority(task.options.priority if priority is None else priority),
+        max_attempts=max_attempts,
+        eta=eta,
+        countdown=countdown,
+        unique_key=_optional_text(data.get("unique_key"), "unique_key"),
+    )
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"{name!r} must be a string")
+
+
+def _rejected(raw: str, reason: str, make_id: Callable[[], str], data: dict[str, Any] | None = None) -> Rejected:
+    task = data.get("task") if data and isinstance(data.get("task"), str) else UNDECODABLE_TASK
+    queue = data.get("queue") if data and isinstance(data.get("queue"), str) else "default"
+    try:
+        queue = validate_queue_name(queue)
+    except ConfigurationError:
+        queue = "default"
+    job_id = None
+    if data and data.get("id"):
+        with contextlib.suppress(ValueError):
+            job_id = str(uuid.UUID(str(data["id"])))
+    job = NewJob(
+        id=job_id or make_id(),
+        task=str(task),
+        queue=queue,
+        args=codec.dumps([raw]),
+        kwargs="{}",
+        priority=0,
+        max_attempts=1,
+    )
+    return Rejected(job, reason)

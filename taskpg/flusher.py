@@ -1,0 +1,250 @@
+"""The flusher: moves envelopes from the Redis buffer into Postgres in bulk, losing and doubling nothing.
+
+One flush, step by step:
+
+1. A Lua script moves up to ``batch_size`` envelopes from the buffer list to this flusher's own
+   processing list, atomically (the plain LRANGE + LTRIM recipe loses the batch if the process
+   dies between the two).
+2. The envelopes are decoded (bad ones become dead jobs that keep the raw payload) and written
+   with COPY into a staging table, then ``INSERT ... ON CONFLICT (id) DO NOTHING``, in one
+   transaction.
+3. Only after that commit is the processing list deleted.
+
+Killed after 1 or during 2: the processing list survives; the next flusher to take the lock
+recovers it. Killed after the commit but before 3: the recovered batch is written again and the
+conflict on job ids makes that a no-op. Postgres down during 2: the batch stays in the processing
+list and the write is retried with backoff. Only one flusher runs per buffer at a time (a Redis
+lock with a TTL, renewed while it works).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+
+from . import envelope
+from .buffer import buffer_key, redis_client
+from .enqueue import NewJob, insert_idempotent
+from .exceptions import DatabaseUnavailable
+from .reconnect import CONNECTION_ERRORS
+
+if TYPE_CHECKING:
+    from .app import TaskPG
+
+logger = logging.getLogger("taskpg.flusher")
+
+# KEYS: buffer, processing list, registry of processing lists. ARGV: how many to move.
+_MOVE_BATCH = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items > 0 then
+  for i = 1, #items, 5000 do
+    redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 4999, #items)))
+  end
+  redis.call('LTRIM', KEYS[1], #items, -1)
+  redis.call('SADD', KEYS[3], KEYS[2])
+end
+return items
+"""
+
+# KEYS: lock. ARGV: owner token, ttl ms. Renew only a lock we still own.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+Step = Callable[[str], None]
+
+
+class Flusher:
+    """Moves buffered envelopes into Postgres; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        app: TaskPG,
+        batch_size: int = 50_000,
+        interval: float = 1.0,
+        lock_ttl: float = 30.0,
+        on_step: Step | None = None,
+    ) -> None:
+        if app.redis_url is None:
+            raise ValueError("the flusher needs an app with redis_url=")
+        self.app = app
+        self.batch_size = batch_size
+        self.interval = interval
+        self.lock_ttl_ms = int(lock_ttl * 1000)
+        self.on_step = on_step or (lambda step: None)
+        self.id = str(uuid.uuid4())
+        self.redis = redis_client(app.redis_url)
+        prefix = f"taskpg:{app.schema}"
+        self.buffer = buffer_key(app.schema)
+        self.registry = f"{prefix}:processing"
+        self.own_prefix = f"{prefix}:processing:{self.id}:"  # + a batch id: one list per batch
+        self.lock = f"{prefix}:flusher-lock"
+        self._move = self.redis.register_script(_MOVE_BATCH)
+        self._renew = self.redis.register_script(_RENEW)
+        self._release = self.redis.register_script(_RELEASE)
+        self.flushed = 0
+
+    # -- the lock ----------------------------------------------------------------------------------
+
+    def acquire(self) -> bool:
+        return bool(self.redis.set(self.lock, self.id, nx=True, px=self.lock_ttl_ms))
+
+    def renew(self) -> bool:
+        return bool(self._renew(keys=[self.lock], args=[self.id, self.lock_ttl_ms]))
+
+    def release(self) -> None:
+        self._release(keys=[self.lock], args=[self.id])
+
+    # -- flushing ----------------------------------------------------------------------------------
+
+    def _processing_lists(self) -> list[str]:
+        return sorted(k.decode() if isinstance(k, bytes) else str(k) for k in self.redis.smembers(self.registry))
+
+    def recover(self) -> int:
+        """Write the processing lists of flushers that died; call while holding the lock."""
+        recovered = 0
+        for key in self._processing_lists():
+            if key.startswith(self.own_prefix):
+                continue
+            items = self.redis.lrange(key, 0, -1)
+            if items:
+                logger.warning("recovering %d envelope(s) left by a flusher that died (%s)", len(items), key)
+                self._write(key, items)
+                recovered += len(items)
+            self.redis.delete(key)
+            self.redis.srem(self.registry, key)
+        return recovered
+
+    def flush_once(self) -> int:
+        """Move one batch into Postgres; returns how many envelopes it handled.
+
+        Each batch gets a processing list of its own; a batch that a failed write left behind is
+        written again first, under the same key, so its envelopes get the same ids again.
+        """
+        leftovers = [key for key in self._processing_lists() if key.startswith(self.own_prefix)]
+        if leftovers:
+            key = leftovers[0]
+            items = self.redis.lrange(key, 0, -1)
+        else:
+            key = f"{self.own_prefix}{uuid.uuid4()}"
+            items = self._move(keys=[self.buffer, key, self.registry], args=[self.batch_size])
+        if not items:
+            return 0
+        self.on_step("moved")
+        self._write(key, items)
+        self.on_step("committed")
+        self.redis.delete(key)
+        self.redis.srem(self.registry, key)
+        self.flushed += len(items)
+        return len(items)
+
+    def drain(self, timeout: float = 60.0) -> int:
+        """Flush until the buffer is empty (what ``taskpg flush`` does); returns the count."""
+        deadline = time.monotonic() + timeout
+        while not self.acquire():
+            if time.monotonic() > deadline:
+                raise TimeoutError("another flusher holds the buffer's lock (a running worker or beat flushes already)")
+            time.sleep(0.1)
+        try:
+            total = self.recover()
+            while True:
+                moved = self.flush_once()
+                total += moved
+                if not moved:
+                    return total
+                self.renew()
+        finally:
+            self.release()
+
+    def _write(self, key: str, items: list[Any]) -> None:
+        jobs: list[NewJob] = []
+        dead: dict[str, str] = {}
+        for index, raw in enumerate(items):
+            decoded = envelope.decode(
+                raw, self.app.tasks, self.app.max_payload_bytes, functools.partial(_batch_id, key, index)
+            )
+            if isinstance(decoded, envelope.Rejected):
+                dead[decoded.job.id] = decoded.reason
+                jobs.append(decoded.job)
+                logger.warning("envelope rejected (stored as dead job %s): %s", decoded.job.id, decoded.reason)
+            else:
+                jobs.append(decoded)
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type((DatabaseUnavailable, *CONNECTION_ERRORS)),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=5) + tenacity.wait_random(0, 0.2),
+            stop=tenacity.stop_after_delay(self.lock_ttl_ms / 1000 / 2),
+            before_sleep=lambda state: logger.warning("Postgres unreachable during a flush; retrying"),
+            reraise=True,
+        ):
+            with attempt:
+                insert_idempotent(self.app.db, _Announced(jobs, self.on_step), dead)
+                self.renew()
+
+    # -- the background loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Flush every ``interval`` seconds, or as soon as a full batch waits, until ``stop`` is set."""
+        holding = recovered = False
+        last = 0.0
+        while not stop.is_set():
+            try:
+                if not holding:
+                    holding = self.acquire()
+                    recovered = False
+                if holding and not recovered:
+                    self.recover()
+                    recovered = True
+                if holding:
+                    due = time.monotonic() - last >= self.interval
+                    if due or self.redis.llen(self.buffer) >= self.batch_size:
+                        while self.flush_once() >= self.batch_size and not stop.is_set():
+                            pass
+                        last = time.monotonic()
+                    holding = self.renew()
+            except Exception as exc:  # Redis or Postgres away: keep the batch, try again later
+                logger.warning("flush failed (%s); the batch stays in its processing list and is retried", exc)
+                stop.wait(min(5.0, self.interval))
+            stop.wait(0.05)
+        if holding:
+            self.release()
+
+
+def start_background(app: TaskPG, stop: threading.Event, **options: Any) -> threading.Thread:
+    """Run a flusher in a daemon thread (inside ``taskpg worker`` and ``taskpg beat``)."""
+    flusher = Flusher(app, **options)
+    thread = threading.Thread(target=flusher.run, args=(stop,), name="taskpg-flusher", daemon=True)
+    thread.start()
+    return thread
+
+
+class _Announced(list[NewJob]):
+    """The batch, reporting the step "copying" half-way through each pass over it."""
+
+    def __init__(self, jobs: list[NewJob], on_step: Step) -> None:
+        super().__init__(jobs)
+        self._on_step = on_step
+
+    def __iter__(self) -> Iterator[NewJob]:
+        middle = len(self) // 2
+        for index, job in enumerate(super().__iter__()):
+            if index == middle:
+                self._on_step("copying")
+            yield job
+
+
+def _batch_id(key: str, index: int) -> str:
+    """The id of an envelope that brought none: the same for the same place in the same batch."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{key}#{index}"))

@@ -1,0 +1,221 @@
+"""Task options: every ``@app.task(...)`` keyword, validated when the task is declared."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from .exceptions import ConfigurationError
+from .retry import DEFAULT_RETRY_DELAY, RetryPolicy
+from .throttle import Rate, parse_rate
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-<>]{0,254}$")
+UNLIMITED_ATTEMPTS = 2**31 - 1
+VIA_CHOICES = ("db", "buffer")
+THROTTLE_MODES = ("drop", "defer")
+
+
+def validate_queue_name(name: Any, option: str = "queue") -> str:
+    """Queue names are data (never SQL text), but keep them to a safe, printable alphabet."""
+    if not isinstance(name, str) or not QUEUE_NAME.match(name):
+        raise ConfigurationError(f"{option}={name!r}: use 1-64 characters of letters, digits and _ . : -")
+    return name
+
+
+def validate_task_name(name: Any) -> str:
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        raise ConfigurationError(
+            f"task name {name!r}: use up to 255 letters, digits and _ . : - < >, starting with a letter or _"
+        )
+    return name
+
+
+def validate_priority(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -32768 <= value <= 32767:
+        raise ConfigurationError(f"priority={value!r}: expected an integer from -32768 to 32767 (higher runs first)")
+    return value
+
+
+def _positive_number(name: str, value: Any, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(f"{name}={value!r}: expected a positive number of seconds")
+    return float(value)
+
+
+def _key_template(name: str, value: Any) -> str | Callable[..., str] | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if callable(value):
+        template: Callable[..., str] = value
+        return template
+    raise ConfigurationError(f"{name}={value!r}: expected a format string such as 'user:{{user_id}}' or a callable")
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What a task declares. Defaults follow Celery where Celery has the option."""
+
+    queue: str = "default"
+    priority: int = 0
+    max_retries: int | None = 3
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
+    default_retry_delay: float = DEFAULT_RETRY_DELAY
+    retry_policy: Callable[[Any], float] | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    throttle_key: str | Callable[..., str] | None = None
+    throttle: Rate | None = None
+    throttle_mode: str = "drop"
+    rate_limit: Rate | None = None
+    rate_limit_key: str | Callable[..., str] | None = None
+    unique_key: Literal[True] | str | Callable[..., str] | None = None
+    unique_for: float | None = None
+    cron: str | None = None
+    every: float | None = None
+    timezone: str | None = None
+    catch_up: str = "latest"
+    dead_letter: str | None = None
+    bind: bool = False
+    ignore_result: bool = False
+    via: str | None = None
+    max_snoozes: int = 100
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts in all: the first run plus ``max_retries`` (None = no limit)."""
+        return UNLIMITED_ATTEMPTS if self.max_retries is None else self.max_retries + 1
+
+    @property
+    def retry(self) -> RetryPolicy:
+        backoff: float | None
+        if self.retry_backoff is True:
+            backoff = 1.0
+        elif self.retry_backoff is False:
+            backoff = None
+        else:
+            backoff = float(self.retry_backoff)
+        return RetryPolicy(
+            backoff=backoff,
+            backoff_max=self.retry_backoff_max,
+            jitter=self.retry_jitter,
+            default_delay=self.default_retry_delay,
+            wait=self.retry_policy,
+        )
+
+    @classmethod
+    def build(cls, default_queue: str = "default", **raw: Any) -> TaskOptions:
+        """Validate ``@app.task`` keywords; a bad value raises ConfigurationError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigurationError(f"unknown task option(s): {', '.join(unknown)}")
+        opts: dict[str, Any] = dict(raw)
+        opts["queue"] = validate_queue_name(opts.get("queue", default_queue))
+        opts["priority"] = validate_priority(opts.get("priority", 0))
+        _check_retry_options(opts)
+        _check_limits(opts)
+        _check_keys_and_rates(opts)
+        _check_schedule(opts)
+        dead_letter = opts.get("dead_letter")
+        if dead_letter is not None and not (
+            isinstance(dead_letter, str) and (QUEUE_NAME.match(dead_letter) or TASK_NAME.match(dead_letter))
+        ):
+            raise ConfigurationError(f"dead_letter={dead_letter!r}: expected a queue name or a task name")
+        for flag in ("bind", "ignore_result", "retry_jitter"):
+            if flag in opts and not isinstance(opts[flag], bool):
+                raise ConfigurationError(f"{flag}={opts[flag]!r}: expected True or False")
+        if opts.get("via") is not None and opts["via"] not in VIA_CHOICES:
+            raise ConfigurationError(f"via={opts['via']!r}: expected one of {VIA_CHOICES}")
+        return cls(**opts)
+
+
+def _check_retry_options(opts: dict[str, Any]) -> None:
+    max_retries = opts.get("max_retries", 3)
+    if max_retries is not None and (
+        isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries < 2**31 - 2
+    ):
+        raise ConfigurationError(f"max_retries={max_retries!r}: expected an integer >= 0, or None for no limit")
+    autoretry = opts.get("autoretry_for", ())
+    if isinstance(autoretry, type):
+        autoretry = (autoretry,)
+    if not isinstance(autoretry, (tuple, list)) or not all(
+        isinstance(exc, type) and issubclass(exc, BaseException) for exc in autoretry
+    ):
+        raise ConfigurationError(f"autoretry_for={autoretry!r}: expected a tuple of exception classes")
+    opts["autoretry_for"] = tuple(autoretry)
+    backoff = opts.get("retry_backoff", False)
+    if not isinstance(backoff, bool):
+        _positive_number("retry_backoff", backoff, allow_none=False)
+    for name in ("retry_backoff_max", "default_retry_delay"):
+        if name in opts:
+            if opts[name] != 0:
+                _positive_number(name, opts[name], allow_none=False)
+            opts[name] = float(opts[name])
+    policy = opts.get("retry_policy")
+    if policy is not None and not callable(policy):
+        raise ConfigurationError(f"retry_policy={policy!r}: expected a tenacity wait strategy (a callable)")
+
+
+def _check_limits(opts: dict[str, Any]) -> None:
+    soft = _positive_number("soft_time_limit", opts.get("soft_time_limit"))
+    hard = _positive_number("time_limit", opts.get("time_limit"))
+    if soft is not None and hard is not None and soft >= hard:
+        raise ConfigurationError(f"soft_time_limit={soft} must be below time_limit={hard}")
+    max_snoozes = opts.get("max_snoozes", 100)
+    if isinstance(max_snoozes, bool) or not isinstance(max_snoozes, int) or max_snoozes < 0:
+        raise ConfigurationError(f"max_snoozes={max_snoozes!r}: expected an integer >= 0")
+
+
+def _check_keys_and_rates(opts: dict[str, Any]) -> None:
+    for name in ("throttle_key", "rate_limit_key"):
+        opts[name] = _key_template(name, opts.get(name))
+    if (opts.get("throttle_key") is None) != (opts.get("throttle") is None):
+        raise ConfigurationError(
+            "throttle_key= and throttle= go together (e.g. throttle_key='user:{user_id}', throttle='1/h')"
+        )
+    if opts.get("throttle") is not None:
+        opts["throttle"] = parse_rate(opts["throttle"], "throttle")
+    if opts.get("rate_limit") is not None:
+        opts["rate_limit"] = parse_rate(opts["rate_limit"], "rate_limit")
+    if opts.get("rate_limit_key") is not None and opts.get("rate_limit") is None:
+        raise ConfigurationError("rate_limit_key= needs rate_limit= (e.g. rate_limit='100/s')")
+    if opts.get("throttle_mode", "drop") not in THROTTLE_MODES:
+        raise ConfigurationError(f"throttle_mode={opts['throttle_mode']!r}: expected one of {THROTTLE_MODES}")
+    unique = opts.get("unique_key")
+    if unique is False:
+        opts["unique_key"] = None
+    elif unique is not None and unique is not True:
+        opts["unique_key"] = _key_template("unique_key", unique)
+    opts["unique_for"] = _positive_number("unique_for", opts.get("unique_for"))
+
+
+def _check_schedule(opts: dict[str, Any]) -> None:
+    cron = opts.get("cron")
+    if cron is not None and (not isinstance(cron, str) or not croniter.is_valid(cron)):
+        raise ConfigurationError(f"cron={cron!r} is not a valid cron expression (e.g. '*/5 * * * *')")
+    every = opts.get("every")
+    if isinstance(every, timedelta):
+        every = every.total_seconds()
+    opts["every"] = _positive_number("every", every)
+    if cron is not None and opts["every"] is not None:
+        raise ConfigurationError("give either cron= or every=, not both")
+    if opts.get("catch_up", "latest") not in ("latest", "skip", "all"):
+        raise ConfigurationError(f"catch_up={opts['catch_up']!r}: expected 'latest', 'skip' or 'all'")
+    zone = opts.get("timezone")
+    if zone is not None:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"timezone={zone!r} is not a known IANA time zone") from exc

@@ -1,0 +1,522 @@
+"""Where jobs run: a pool of threads (default), an asyncio event loop, or child processes.
+
+Every pool takes claimed jobs into a small local buffer, runs them with the executor and hands
+each Outcome to ``on_outcome``. ``take_unstarted()`` returns the buffered jobs that have not
+started (handed back to Postgres at shutdown). Time limits:
+
+- threads: ``soft_time_limit`` raises SoftTimeLimitExceeded inside the task's thread (at the next
+  Python bytecode); at ``time_limit`` the attempt is failed, the thread is abandoned (reported in
+  the log; Python cannot kill a thread) and a fresh thread takes its place.
+- processes: soft limit by SIGALRM in the child, hard limit by killing the child: exact.
+- async: past the limit the coroutine is cancelled and the attempt fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .app import TaskPG, TaskRegistry
+from .exceptions import ChildProcessDied, SoftTimeLimitExceeded, TimeLimitExceeded
+from .executor import Call, ClaimedJob, Executor, Outcome
+from .task import Task
+
+logger = logging.getLogger("taskpg.worker")
+
+OutcomeSink = Callable[[Outcome], None]
+CHILD_START_TIMEOUT = 120.0  # seconds a child process may take to import the task modules
+
+
+class Pool:
+    """Common bookkeeping: how many jobs are buffered or running, and the start/finish log lines."""
+
+    kind = "base"
+
+    def __init__(self, executor: Executor, concurrency: int, on_outcome: OutcomeSink, on_free: Callable[[], None]):
+        self.executor = executor
+        self.concurrency = concurrency
+        self._on_outcome = on_outcome
+        self._on_free = on_free
+        self._lock = threading.Lock()
+        self._in_flight = 0  # buffered + running
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def submit(self, jobs: Iterable[ClaimedJob]) -> None:
+        jobs = list(jobs)
+        with self._lock:
+            self._in_flight += len(jobs)
+        self._enqueue(jobs)
+
+    def _finished(self, outcome: Outcome | None, started: float | None = None) -> None:
+        """A job left the pool: report its outcome (None = dropped, e.g. abandoned) and free its slot."""
+        if outcome is not None:
+            job = outcome.job
+            if started is not None:
+                logger.info(
+                    "job %s %s attempt %d %s in %.1f ms",
+                    job.id,
+                    job.task,
+                    job.attempt,
+                    outcome.state,
+                    (time.monotonic() - started) * 1000,
+                )
+            elif outcome.error is not None:  # never ran: unknown task, bad arguments, ...
+                logger.info(
+                    "job %s %s attempt %d %s without running: %s",
+                    job.id,
+                    job.task,
+                    job.attempt,
+                    outcome.state,
+                    outcome.error.get("message"),
+                )
+            else:  # never ran: held back by a rate limit
+                logger.info("job %s %s put back for %.2f s (rate limit)", job.id, job.task, outcome.delay)
+            self._on_outcome(outcome)
+        with self._lock:
+            self._in_flight -= 1
+        self._on_free()
+
+    def _started(self, call: Call) -> float:
+        logger.info("job %s %s attempt %d started", call.job.id, call.job.task, call.job.attempt)
+        return time.monotonic()
+
+    def _enqueue(self, jobs: list[ClaimedJob]) -> None:
+        raise NotImplementedError
+
+    def take_unstarted(self) -> list[ClaimedJob]:
+        raise NotImplementedError
+
+    def running(self) -> list[ClaimedJob]:
+        """Jobs that are executing right now."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the pool's threads/processes once nothing is running (or at abort)."""
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    call: Call
+    started: float
+    thread: threading.Thread
+    soft_sent: bool = False
+    abandoned: bool = False
+
+
+@dataclass
+class _Runner:
+    thread: threading.Thread
+    current: _Running | None = None
+    retired: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ThreadPool(Pool):
+    """N runner threads fed from a local queue; ``async def`` tasks go to one shared event loop."""
+
+    kind = "threads"
+
+    def __init__(self, executor: Executor, concurrency: int, on_outcome: OutcomeSink, on_free: Callable[[], None]):
+        super().__init__(executor, concurrency, on_outcome, on_free)
+        self._queue: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
+        self._runners: list[_Runner] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        for _ in range(concurrency):
+            self._spawn_runner()
+        self._watchdog = threading.Thread(target=self._watch, name="taskpg-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _spawn_runner(self) -> None:
+        runner = _Runner(thread=threading.Thread(target=lambda: self._run(runner), daemon=True))
+        runner.thread.name = f"taskpg-runner-{len(self._runners)}"
+        self._runners.append(runner)
+        runner.thread.start()
+
+    def _enqueue(self, jobs: list[ClaimedJob]) -> None:
+        for job in jobs:
+            self._queue.put(job)
+
+    def _run(self, runner: _Runner) -> None:
+        while not runner.retired:
+            try:
+                job = self._queue.get()
+                if job is None:
+                    return
+                self._run_one(runner, job)
+            except SoftTimeLimitExceeded:  # a soft limit that landed just after its task returned
+                continue
+
+    def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
+        prepared = self.executor.prepare(job)
+        if isinstance(prepared, Outcome):
+            self._finished(prepared)
+            return
+        started = self._started(prepared)
+        with runner.lock:
+            runner.current = _Running(prepared, started, runner.thread)
+        outcome = self._run_on_loop(prepared) if self.executor.is_async(prepared) else self.executor.run_sync(prepared)
+        with runner.lock:
+            running, runner.current = runner.current, None
+        if running is not None and running.abandoned:
+            logger.warning("job %s finished after its time limit; its late outcome is discarded", job.id)
+            return  # the watchdog already failed this attempt and freed the slot
+        self._finished(outcome, started)
+
+    def _run_on_loop(self, call: Call) -> Outcome:
+        if self._loop is None:
+            with self._lock:
+                if self._loop is None:
+                    self._loop = _start_loop_thread()
+        limit = call.task.options.soft_time_limit or call.task.options.time_limit
+        future = asyncio.run_coroutine_threadsafe(self.executor.run_async(call, limit), self._loop)
+        return future.result()
+
+    def _watch(self) -> None:
+        """Enforce time limits of running sync jobs."""
+        while not self._stopping.wait(0.05):
+            now = time.monotonic()
+            for runner in list(self._runners):
+                with runner.lock:
+                    running = runner.current
+                    if running is None or running.abandoned or self.executor.is_async(running.call):
+                        continue  # async tasks are cancelled by asyncio.wait_for on the loop instead
+                    options = running.call.task.options
+                    elapsed = now - running.started
+                    if options.time_limit is not None and elapsed >= options.time_limit:
+                        self._abandon(runner, running)
+                    elif (
+                        options.soft_time_limit is not None
+                        and elapsed >= options.soft_time_limit
+                        and (not running.soft_sent)
+                    ):
+                        running.soft_sent = True
+                        _raise_in_thread(running.thread, SoftTimeLimitExceeded)
+
+    def _abandon(self, runner: _Runner, running: _Running) -> None:
+        """Hard limit in a thread: fail the attempt now and replace the stuck thread."""
+        running.abandoned = True
+        runner.retired = True
+        job = running.call.job
+        limit = running.call.task.options.time_limit
+        logger.warning(
+            "job %s %s passed its time_limit of %s s; the attempt is failed and thread %s is abandoned "
+            "(threads cannot be killed: use --pool processes to enforce time limits exactly)",
+            job.id,
+            job.task,
+            limit,
+            running.thread.name,
+        )
+        exc = TimeLimitExceeded(f"{job.task} ran past its time_limit of {limit} s")
+        self._finished(self.executor.conclude(running.call, exc=exc), running.started)
+        self._spawn_runner()
+
+    def take_unstarted(self) -> list[ClaimedJob]:
+        taken: list[ClaimedJob] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                taken.append(job)
+        with self._lock:
+            self._in_flight -= len(taken)
+        return taken
+
+    def running(self) -> list[ClaimedJob]:
+        jobs = []
+        for runner in self._runners:
+            with runner.lock:
+                if runner.current is not None and not runner.current.abandoned:
+                    jobs.append(runner.current.call.job)
+        return jobs
+
+    def close(self) -> None:
+        self._stopping.set()
+        for _ in self._runners:
+            self._queue.put(None)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> None:
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
+
+
+def _start_loop_thread() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="taskpg-event-loop", daemon=True).start()
+    return loop
+
+
+# -- asyncio -----------------------------------------------------------------------------------
+
+
+class AsyncPool(Pool):
+    """One event loop running up to N jobs at once; sync tasks run in the loop's thread pool."""
+
+    kind = "async"
+
+    def __init__(self, executor: Executor, concurrency: int, on_outcome: OutcomeSink, on_free: Callable[[], None]):
+        super().__init__(executor, concurrency, on_outcome, on_free)
+        self._loop = _start_loop_thread()
+        self._queue: asyncio.Queue[ClaimedJob | None] = asyncio.run_coroutine_threadsafe(
+            _make_queue(), self._loop
+        ).result()
+        self._running: dict[str, ClaimedJob] = {}
+        for _ in range(concurrency):
+            asyncio.run_coroutine_threadsafe(self._consume(), self._loop)
+
+    def _enqueue(self, jobs: list[ClaimedJob]) -> None:
+        for job in jobs:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, job)
+
+    async def _consume(self) -> None:
+        while True:
+            job = await self._queue.get()
+            if job is None:
+                return
+            if self.executor.is_limited(job):  # the rate-limit decision does I/O: keep it off the loop
+                prepared = await asyncio.to_thread(self.executor.prepare, job)
+            else:
+                prepared = self.executor.prepare(job)
+            if isinstance(prepared, Outcome):
+                self._finished(prepared)
+                continue
+            started = self._started(prepared)
+            self._running[job.id] = job
+            options = prepared.task.options
+            try:
+                if self.executor.is_async(prepared):
+                    outcome = await self.executor.run_async(prepared, options.soft_time_limit or options.time_limit)
+                else:
+                    outcome = await asyncio.to_thread(self.executor.run_sync, prepared)
+            finally:
+                self._running.pop(job.id, None)
+            self._finished(outcome, started)
+
+    def take_unstarted(self) -> list[ClaimedJob]:
+        async def drain() -> list[ClaimedJob]:
+            taken = []
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if job is not None:
+                    taken.append(job)
+            return taken
+
+        taken = asyncio.run_coroutine_threadsafe(drain(), self._loop).result()
+        with self._lock:
+            self._in_flight -= len(taken)
+        return taken
+
+    def running(self) -> list[ClaimedJob]:
+        return list(self._running.values())
+
+    def close(self) -> None:
+        for _ in range(self.concurrency):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+        async def finish() -> None:  # let the consumers see their stop marker before the loop stops
+            await asyncio.sleep(0)
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+            for task in pending:
+                task.cancel()
+
+        try:
+            asyncio.run_coroutine_threadsafe(finish(), self._loop).result(5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+async def _make_queue() -> asyncio.Queue[ClaimedJob | None]:
+    return asyncio.Queue()
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class ProcessPool(ThreadPool):
+    """Each runner thread drives one child process (spawned, importing the task modules).
+
+    The child enforces ``soft_time_limit`` with SIGALRM; the parent kills a child that passes
+    ``time_limit`` and starts a new one, so hard limits are exact.
+    """
+
+    kind = "processes"
+
+    def __init__(
+        self,
+        executor: Executor,
+        concurrency: int,
+        on_outcome: OutcomeSink,
+        on_free: Callable[[], None],
+        modules: list[str],
+    ):
+        self._modules = modules
+        self._children: dict[int, _Child] = {}
+        super().__init__(executor, concurrency, on_outcome, on_free)
+        for runner in self._runners:  # start the children now: their imports take a while
+            self._children.setdefault(id(runner), _Child(modules, executor))
+
+    def _watch(self) -> None:
+        """Children enforce their own limits; nothing to watch in this process."""
+
+    def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
+        prepared = self.executor.prepare(job)  # checks registration and arguments before the child
+        if isinstance(prepared, Outcome):
+            self._finished(prepared)
+            return
+        started = self._started(prepared)
+        child = self._children.get(id(runner))
+        if child is None:
+            child = self._children[id(runner)] = _Child(self._modules, self.executor)
+        with runner.lock:
+            runner.current = _Running(prepared, started, runner.thread)
+        outcome = child.run(prepared, self.executor)
+        with runner.lock:
+            runner.current = None
+        self._finished(outcome, started)
+
+    def close(self) -> None:
+        super().close()
+        for child in self._children.values():
+            child.stop()
+
+
+class _Child:
+    """One child process and the pipe to it."""
+
+    def __init__(self, modules: list[str], executor: Executor) -> None:
+        self._modules = modules
+        self._worker_id = executor.worker_id
+        self._max_payload = executor.max_payload_bytes
+        self._start()
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=_child_main,
+            args=(child_conn, self._modules, self._worker_id, self._max_payload),
+            daemon=True,
+            name="taskpg-child",
+        )
+        self._process.start()
+        child_conn.close()
+        self._ready = False
+
+    def _wait_ready(self) -> None:
+        """Wait for the child to finish importing, so start-up time never counts against a time limit."""
+        if not self._ready:
+            if not self._conn.poll(CHILD_START_TIMEOUT) or self._conn.recv() != "ready":
+                raise EOFError("the child process did not start")
+            self._ready = True
+
+    def run(self, call: Call, executor: Executor) -> Outcome:
+        limit = call.task.options.time_limit
+        try:
+            self._wait_ready()
+            self._conn.send(call.job)
+            if self._conn.poll(limit):
+                outcome: Outcome = self._conn.recv()
+                return outcome
+        except (EOFError, OSError, BrokenPipeError):
+            self._restart()
+            return executor.conclude(call, exc=ChildProcessDied("the child process running the task died"))
+        logger.warning("job %s passed its time_limit of %s s: killing its child process", call.job.id, limit)
+        self._restart()
+        return executor.conclude(call, exc=TimeLimitExceeded(f"{call.task.name} ran past its time_limit of {limit} s"))
+
+    def _restart(self) -> None:
+        self._process.kill()
+        self._process.join(5)
+        self._conn.close()
+        self._start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _child_main(conn: Connection, modules: list[str], worker_id: str | None, max_payload: int) -> None:
+    """Child process: import the task modules, then run the jobs the parent sends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
+    tasks: dict[str, Task[Any, Any]] = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if isinstance(value, Task):
+                tasks.update(value.app.tasks)
+            elif isinstance(value, TaskPG):  # an app whose tasks live in modules it imported
+                tasks.update(value.tasks)
+    executor = Executor(TaskRegistry(tasks), worker_id, max_payload)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    conn.send("ready")
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        prepared = executor.prepare(job)
+        if isinstance(prepared, Outcome):
+            conn.send(prepared)
+            continue
+        options = prepared.task.options
+        if executor.is_async(prepared):  # cancelled by asyncio at its limit; an alarm would hit the loop
+            outcome = asyncio.run(executor.run_async(prepared, options.soft_time_limit or options.time_limit))
+        else:
+            if options.soft_time_limit:
+                signal.setitimer(signal.ITIMER_REAL, options.soft_time_limit)
+            try:
+                outcome = executor.run_sync(prepared)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        conn.send(outcome)
+
+
+def make_pool(
+    kind: str,
+    executor: Executor,
+    concurrency: int,
+    on_outcome: OutcomeSink,
+    on_free: Callable[[], None],
+    modules: list[str] | None = None,
+) -> Pool:
+    """Build the pool named by ``--pool``."""
+    if kind == "threads":
+        return ThreadPool(executor, concurrency, on_outcome, on_free)
+    if kind == "async":
+        return AsyncPool(executor, concurrency, on_outcome, on_free)
+    if kind == "processes":
+        if not modules:
+            raise ValueError("the processes pool needs the importable module(s) that define the tasks (-A)")
+        return ProcessPool(executor, concurrency, on_outcome, on_free, modules)
+    raise ValueError(f"unknown pool {kind!r}: expected threads, processes or async")

@@ -1,0 +1,133 @@
+"""``AsyncResult``: the handle every enqueue returns."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .exceptions import TaskError, TaskRevoked, TimeoutError
+from .job import FINISHED_STATES, JobState, Status, status_of
+from .ops import inspect_job, validate_job_id
+
+if TYPE_CHECKING:
+    from .app import TaskPG
+
+# get() waits on LISTEN/NOTIFY; this re-check only guards against a missed notification.
+SAFETY_RECHECK_SECONDS = 5.0
+
+
+class AsyncResult:
+    """A job's id and a view of its state (Celery's names and methods)."""
+
+    def __init__(self, app: TaskPG, id: str, task_name: str | None = None, *, throttled: bool = False) -> None:
+        self.app = app
+        self.id = validate_job_id(id)
+        self.task_name = task_name
+        #: True when a throttle dropped this call: no job was written.
+        self.throttled = throttled
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id} {self.task_name or ''}>".replace(" >", ">")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _row(self, conn: Any = None) -> dict[str, Any] | None:
+        if self.throttled:  # a throttle turned the call away: it behaves as a job revoked at once
+            return {"id": self.id, "state": JobState.CANCELLED.value, "attempt": 0, "errors": [], "result": None}
+        return inspect_job(self.app.db, self.id, conn)
+
+    def info(self) -> dict[str, Any] | None:
+        """The job row as a dict (None if no such job exists)."""
+        return self._row()
+
+    @property
+    def status(self) -> str:
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        row = self._row()
+        return Status.PENDING.value if row is None else status_of(row["state"], row["attempt"]).value
+
+    state = status
+
+    def ready(self) -> bool:
+        """True once the job has finished (succeeded, failed for good, or revoked)."""
+        return self.status in (Status.SUCCESS, Status.FAILURE, Status.REVOKED)
+
+    def successful(self) -> bool:
+        return self.status == Status.SUCCESS
+
+    def failed(self) -> bool:
+        return self.status == Status.FAILURE
+
+    @property
+    def result(self) -> Any:
+        """The return value once succeeded, the exception once failed or revoked, else None."""
+        row = self._row()
+        if row is None or JobState(row["state"]) not in FINISHED_STATES:
+            return None
+        return self._outcome(row, propagate=False)
+
+    @property
+    def traceback(self) -> str | None:
+        """The traceback of the last failed attempt, if any."""
+        row = self._row()
+        return row["errors"][-1].get("traceback") if row and row["errors"] else None
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
+        """Wait until the job finishes and return its result.
+
+        Waits on LISTEN/NOTIFY (no busy polling). Raises the task's exception on failure
+        (``propagate=False`` returns it instead), ``TaskRevoked`` for a revoked job and
+        ``taskpg.TimeoutError`` when ``timeout`` seconds pass first.
+        """
+        if self.throttled:
+            return self._outcome(self._row() or {}, propagate)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        db = self.app.db
+        with db.connection() as conn:
+            conn.execute(db.queries.listen(db.queries.done_channel))
+            try:
+                row = self._wait(conn, deadline, timeout)
+            finally:
+                conn.execute("UNLISTEN *")
+        return self._outcome(row, propagate)
+
+    def _wait(self, conn: Any, deadline: float | None, timeout: float | None) -> dict[str, Any]:
+        while True:
+            # LISTEN is already active, so a completion after this read still wakes us.
+            row = self._row(conn)
+            if row is not None and JobState(row["state"]) in FINISHED_STATES:
+                return row
+            remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+            for note in conn.notifies(timeout=min(remaining, SAFETY_RECHECK_SECONDS)):
+                if self.id in note.payload.split(","):
+                    break
+
+    def _outcome(self, row: dict[str, Any], propagate: bool) -> Any:
+        if row["state"] == JobState.SUCCEEDED:
+            return row["result"]
+        if row["state"] == JobState.CANCELLED:
+            reason = "was turned away by its throttle" if self.throttled else "was revoked"
+            exc: BaseException = TaskRevoked(f"job {self.id} {reason}")
+        else:
+            exc = errors.rebuild(row["errors"][-1]) if row["errors"] else TaskError(f"job {self.id} is dead")
+        if propagate:
+            raise exc
+        return exc
+
+    def revoke(self) -> bool:
+        """Cancel the job if it has not started; True if it was cancelled by this call."""
+        if self.throttled:
+            return False
+        db = self.app.db
+        with db.connection() as conn:
+            rows = conn.execute(
+                db.queries.revoke_job, {"id": self.id, "done_channel": db.queries.done_channel}
+            ).fetchall()
+        return bool(rows)

@@ -1,0 +1,150 @@
+"""The database schema, defined once with SQLAlchemy Core.
+
+Alembic migrations in ``alembic/versions`` create exactly these tables; a test compares the
+migrated database with this metadata so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+
+from .exceptions import ConfigurationError
+
+#: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
+SCHEMA_REVISION = "0003"
+
+DEFAULT_SCHEMA = "taskpg"
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+
+JOB_STATES = ("scheduled", "available", "running", "succeeded", "dead", "cancelled")
+
+
+def validate_schema_name(name: str) -> str:
+    """Schema names are identifiers we put in SQL: allow-list them."""
+    if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+        raise ConfigurationError(
+            f"schema name {name!r} is not allowed: use 1-40 characters of a-z, 0-9 and _, not starting with a digit"
+        )
+    return name
+
+
+def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
+    """The taskpg tables in the given Postgres schema."""
+    validate_schema_name(schema)
+    metadata = MetaData(schema=schema)
+    states = ", ".join(f"'{state}'" for state in JOB_STATES)
+    Table(
+        "jobs",
+        metadata,
+        Column("id", UUID(as_uuid=False), primary_key=True),
+        Column("task", Text, nullable=False),
+        Column("queue", Text, nullable=False),
+        Column("args", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+        Column("kwargs", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+        Column("state", Text, nullable=False),
+        Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+        Column("attempt", Integer, nullable=False, server_default=text("0")),
+        Column("max_attempts", Integer, nullable=False, server_default=text("1")),
+        Column("snoozes", Integer, nullable=False, server_default=text("0")),
+        Column("run_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        Column("started_at", DateTime(timezone=True)),
+        Column("finished_at", DateTime(timezone=True)),
+        Column("lease", UUID(as_uuid=False)),
+        Column("worker_id", Text),
+        Column("result", JSONB),
+        Column("errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+        Column("unique_key", Text),
+        CheckConstraint(f"state IN ({states})", name="jobs_state_check"),
+        # The claim query walks this index in claim order and stops after LIMIT rows.
+        Index(
+            "jobs_claim_idx",
+            "queue",
+            text("priority DESC"),
+            "run_at",
+            "id",
+            postgresql_where=text("state = 'available'"),
+        ),
+        # The stager promotes due scheduled jobs in run_at order.
+        Index("jobs_scheduled_idx", "run_at", postgresql_where=text("state = 'scheduled'")),
+        # Unique jobs: one unfinished job per unique_key.
+        Index(
+            "jobs_unique_active_idx",
+            "unique_key",
+            unique=True,
+            postgresql_where=text("unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running')"),
+        ),
+        # Rescue looks up running jobs by the worker that holds them.
+        Index("jobs_running_idx", "worker_id", postgresql_where=text("state = 'running'")),
+        # Retention and dead-letter listings scan finished jobs by age.
+        Index(
+            "jobs_finished_idx",
+            "state",
+            "finished_at",
+            postgresql_where=text("state IN ('succeeded', 'dead', 'cancelled')"),
+        ),
+    )
+    Table(
+        "workers",
+        metadata,
+        Column("id", Text, primary_key=True),
+        Column("hostname", Text, nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("queues", ARRAY(Text), nullable=False),
+        Column("concurrency", Integer, nullable=False),
+        Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    )
+    # One row per fired tick of a periodic schedule: the primary key is what makes a tick fire once,
+    # however many beat processes run. A row with no job_id marks when a schedule was first seen.
+    Table(
+        "periodic_ticks",
+        metadata,
+        Column("schedule", Text, primary_key=True),
+        Column("tick", DateTime(timezone=True), primary_key=True),
+        Column("job_id", UUID(as_uuid=False)),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    )
+    # Throttles at enqueue: jobs admitted (and calls turned away) per task, key and fixed window.
+    Table(
+        "throttle_windows",
+        metadata,
+        Column("task", Text, primary_key=True),
+        Column("key", Text, primary_key=True),
+        Column("window_start", DateTime(timezone=True), primary_key=True),
+        Column("window_end", DateTime(timezone=True), nullable=False),
+        Column("used", Integer, nullable=False, server_default=text("0")),
+        Column("rejected", Integer, nullable=False, server_default=text("0")),
+    )
+    # unique_for: a key stays taken by its job until `until`, whatever the job's state.
+    Table(
+        "unique_locks",
+        metadata,
+        Column("key", Text, primary_key=True),
+        Column("job_id", UUID(as_uuid=False), nullable=False),
+        Column("until", DateTime(timezone=True), nullable=False),
+    )
+    # Rate limits without Redis: a sliding-window log of job starts per limiter key.
+    Table(
+        "rate_events",
+        metadata,
+        Column("key", Text, nullable=False),
+        Column("at", DateTime(timezone=True), nullable=False),
+        Column("expires_at", DateTime(timezone=True), nullable=False),
+        Index("rate_events_key_at_idx", "key", "at"),
+    )
+    return metadata

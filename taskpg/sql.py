@@ -1,0 +1,502 @@
+"""Every hot-path statement, in one place.
+
+Templates name tables as ``{jobs}`` / ``{workers}``; :class:`Queries` renders them once per
+schema with ``psycopg.sql.Identifier`` (schema names are allow-listed too), so no value is
+ever formatted into SQL text. Values travel as bind parameters; arrays let one statement
+act on a whole batch (``unnest``), so the worker makes no per-job round trip.
+
+Locking, in short: enqueue only inserts; claim locks candidate rows with
+``FOR UPDATE SKIP LOCKED`` so concurrent workers never block on or share a row; every
+write-back is fenced by ``state = 'running' AND lease = <token of this attempt>``, so a worker
+that lost its lease (rescued job, newer attempt) changes nothing.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from .schema import validate_schema_name
+
+# -- enqueue ---------------------------------------------------------------------------------
+
+# One job. run_at comes from the database clock (eta, or now + countdown) so client clock skew
+# does not matter; a job due now is 'available', a later one 'scheduled'. pg_notify wakes
+# workers of the queue; Postgres folds identical notifications of one transaction into one,
+# so a transaction that enqueues many jobs of a queue sends one NOTIFY. ON CONFLICT DO NOTHING
+# makes a repeated insert of the same id a no-op (a retry whose first reply was lost), and lets a
+# unique job defer to the unfinished job that holds its unique_key. Returns how many were inserted.
+INSERT_JOB = """
+WITH due AS (
+    SELECT GREATEST(COALESCE(%(eta)s::timestamptz, clock_timestamp() + %(countdown)s * interval '1 second'),
+                    %(not_before)s::timestamptz) AS run_at
+), inserted AS (
+    INSERT INTO {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key)
+    SELECT %(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority)s, %(max_attempts)s,
+           CASE WHEN due.run_at > clock_timestamp() THEN 'scheduled' ELSE 'available' END, due.run_at,
+           %(unique_key)s
+    FROM due
+    ON CONFLICT DO NOTHING
+    RETURNING state, queue
+)
+SELECT (SELECT count(*) FROM inserted),
+       (SELECT count(pg_notify(%(channel)s, queue)) FROM inserted WHERE state = 'available')
+"""
+
+# The unfinished job holding a unique key.
+ACTIVE_UNIQUE = """
+SELECT unique_key, id::text FROM {jobs}
+WHERE unique_key = ANY(%(keys)s::text[]) AND state IN ('scheduled', 'available', 'running')
+"""
+
+# unique_for: take the key for %(seconds)s, unless another job holds it and its time has not run
+# out. The row lock of ON CONFLICT serialises racing callers. Returns the holder's job id.
+TAKE_UNIQUE_LOCK = """
+WITH taken AS (
+    INSERT INTO {unique_locks} (key, job_id, until)
+    VALUES (%(key)s, %(job_id)s, clock_timestamp() + %(seconds)s * interval '1 second')
+    ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id, until = EXCLUDED.until
+    WHERE {unique_locks}.until <= clock_timestamp()
+    RETURNING job_id
+)
+SELECT job_id::text FROM taken
+UNION ALL
+SELECT job_id::text FROM {unique_locks} WHERE key = %(key)s AND NOT EXISTS (SELECT 1 FROM taken)
+"""
+
+RELEASE_UNIQUE_LOCK = "DELETE FROM {unique_locks} WHERE key = %(key)s AND job_id = %(job_id)s"
+
+# Throttle at enqueue: admit one job into a fixed window of %(period)s seconds (aligned to the
+# epoch; %(ahead)s windows after the current one) unless it already holds %(limit)s. The row lock
+# of ON CONFLICT makes the count exact across processes. Returns the window's start if admitted.
+THROTTLE_ADMIT = """
+INSERT INTO {throttle_windows} AS w (task, key, window_start, window_end, used)
+SELECT %(task)s, %(key)s, start, start + %(period)s * interval '1 second', 1
+FROM (SELECT to_timestamp((floor(extract(epoch FROM clock_timestamp()) / %(period)s) + %(ahead)s) * %(period)s)
+      AS start) AS slot
+ON CONFLICT (task, key, window_start) DO UPDATE SET used = w.used + 1 WHERE w.used < %(limit)s
+RETURNING window_start, window_start > clock_timestamp()
+"""
+
+# Count a call the throttle turned away (shown by `taskpg status`).
+THROTTLE_REJECTED = """
+UPDATE {throttle_windows} SET rejected = rejected + 1
+WHERE task = %(task)s AND key = %(key)s
+  AND window_start = to_timestamp(floor(extract(epoch FROM clock_timestamp()) / %(period)s) * %(period)s)
+"""
+
+# Bulk path: COPY rows straight into the jobs table (columns left out take their defaults).
+COPY_JOBS = "COPY {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at) FROM STDIN"
+
+# Dead-letter routing: a copy of a dead job, error history included, as a new job in another queue.
+COPY_TO_QUEUE = """
+WITH copied AS (
+    INSERT INTO {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, errors)
+    SELECT %(new_id)s, task, %(queue)s, args, kwargs, priority, max_attempts, 'available', now(), errors
+    FROM {jobs} WHERE id = %(id)s
+    RETURNING queue
+)
+SELECT pg_notify(%(channel)s, queue) FROM copied
+"""
+
+# The idempotent bulk path (Redis buffer flushes): COPY into a per-session staging table, then move
+# rows whose id is not in the table yet. A batch flushed twice (flusher killed after the commit,
+# before it cleaned up Redis) inserts nothing the second time.
+CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS taskpg_staging
+    (LIKE {jobs} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+"""
+
+COPY_STAGING = """
+COPY taskpg_staging (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key, errors,
+                     finished_at)
+FROM STDIN
+"""
+
+INSERT_FROM_STAGING = """
+WITH inserted AS (
+    INSERT INTO {jobs} SELECT * FROM taskpg_staging ON CONFLICT DO NOTHING RETURNING queue, state
+), woken AS (
+    SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') q
+)
+SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM woken)
+"""
+
+# Wake the workers of these queues (once per queue, after a COPY).
+NOTIFY_QUEUES = "SELECT pg_notify(%(channel)s, queue) FROM unnest(%(queues)s::text[]) AS queue"
+
+DB_NOW = "SELECT clock_timestamp()"
+
+# -- results -----------------------------------------------------------------------------------
+
+GET_JOB = """
+SELECT id::text AS id, task, queue, state, attempt, max_attempts, snoozes, priority, args, kwargs, result, errors,
+       run_at, created_at, started_at, finished_at, worker_id
+FROM {jobs} WHERE id = %(id)s
+"""
+
+# Cancel a job that has not started. The state test runs under the row lock, so a job a
+# worker claimed a moment ago is left alone.
+REVOKE_JOB = """
+WITH revoked AS (
+    UPDATE {jobs} SET state = 'cancelled', finished_at = now()
+    WHERE id = %(id)s AND state IN ('available', 'scheduled')
+    RETURNING id
+)
+SELECT pg_notify(%(done_channel)s, id::text) FROM revoked
+"""
+
+SCHEMA_VERSION = "SELECT version_num FROM {alembic_version}"
+
+# -- claim and finish ------------------------------------------------------------------------
+
+# Claim up to %(limit)s jobs. For each queue served, a LATERAL subquery walks jobs_claim_idx
+# (queue, priority DESC, run_at, id) in claim order and locks candidates with FOR UPDATE SKIP
+# LOCKED: rows another worker holds are skipped, never waited for, and no sort of the backlog is
+# needed (`queue = ANY(...)` alone would sort every available row). The best %(limit)s across
+# queues are then taken; candidates locked but not taken are released when the statement
+# commits. Keeping the locking SELECT in a CTE pins the LIMIT: the UPDATE touches exactly those
+# rows. Each claim mints a new lease token that fences every later write of this attempt.
+CLAIM_JOBS = """
+WITH candidates AS (
+    SELECT c.id, c.priority, c.run_at
+    FROM unnest(%(queues)s::text[]) AS served(queue),
+         LATERAL (SELECT id, priority, run_at FROM {jobs}
+                  WHERE state = 'available' AND queue = served.queue
+                  ORDER BY priority DESC, run_at, id
+                  LIMIT %(limit)s
+                  FOR UPDATE SKIP LOCKED) AS c
+), picked AS (
+    SELECT id FROM candidates ORDER BY priority DESC, run_at, id LIMIT %(limit)s
+)
+UPDATE {jobs} AS j
+SET state = 'running', attempt = j.attempt + 1, started_at = now(), lease = gen_random_uuid(),
+    worker_id = %(worker_id)s
+FROM picked WHERE j.id = picked.id
+RETURNING j.id::text, j.task, j.queue, j.priority, j.run_at, j.args::text, j.kwargs::text,
+          j.attempt, j.max_attempts, j.snoozes, j.lease::text
+"""
+
+# Write back a batch of outcomes in one statement. Each outcome row says the new state, a delay
+# (for retry/snooze), a result or an error to append, whether to refund the attempt (snooze,
+# rate-limit deferral, hand-back) and whether it counts as a snooze. Only rows still 'running'
+# under the same lease change: a late write from a worker that lost its lease is a no-op.
+# Finished ids are announced on the done channel for AsyncResult.get(), in chunks that stay under
+# NOTIFY's 8000-byte payload limit.
+FINISH_JOBS = """
+WITH outcome AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(leases)s::uuid[], %(states)s::text[], %(delays)s::float8[],
+                         %(results)s::jsonb[], %(errors)s::jsonb[], %(refunds)s::int[], %(snoozes)s::int[])
+             AS o(id, lease, state, delay, result, error, refund, snoozed)
+), finished AS (
+    UPDATE {jobs} AS j
+    SET state = o.state,
+        run_at = CASE WHEN o.state IN ('scheduled', 'available')
+                      THEN now() + o.delay * interval '1 second' ELSE j.run_at END,
+        finished_at = CASE WHEN o.state IN ('succeeded', 'dead') THEN now() END,
+        result = o.result,
+        errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(o.error) END,
+        attempt = j.attempt - o.refund,
+        snoozes = j.snoozes + o.snoozed,
+        worker_id = NULL
+    FROM outcome AS o
+    -- "(...) IS TRUE" keeps the planner from matching the partial jobs_running_idx: with many running
+    -- jobs it would hash-join all of them instead of one primary-key lookup per outcome.
+    WHERE j.id = o.id AND (j.state = 'running') IS TRUE AND j.lease = o.lease
+    RETURNING j.id, j.state, j.queue
+), announced AS (
+    SELECT pg_notify(%(done_channel)s, string_agg(id::text, ',')) AS n
+    FROM (SELECT id, (row_number() OVER ()) / 200 AS chunk FROM finished
+          WHERE state IN ('succeeded', 'dead')) AS chunks
+    GROUP BY chunk
+), woken AS (
+    SELECT pg_notify(%(jobs_channel)s, queue) AS n
+    FROM (SELECT DISTINCT queue FROM finished WHERE state = 'available') AS q
+)
+SELECT (SELECT count(*) FROM announced) + (SELECT count(*) FROM woken), array_agg(id::text) FROM finished
+"""
+
+# Move scheduled jobs whose time has come to 'available' and wake their queues. SKIP LOCKED
+# lets several workers run the stager at once without waiting on each other.
+PROMOTE_DUE = """
+WITH due AS (
+    SELECT id FROM {jobs}
+    WHERE state = 'scheduled' AND run_at <= now()
+    ORDER BY run_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), promoted AS (
+    UPDATE {jobs} AS j SET state = 'available' FROM due WHERE j.id = due.id RETURNING j.queue
+)
+SELECT count(*), (SELECT count(pg_notify(%(channel)s, queue)) FROM (SELECT DISTINCT queue FROM promoted) q)
+FROM promoted
+"""
+
+# Seconds until the next scheduled job is due (NULL when none is), for the fetch loop's sleep.
+NEXT_DUE_IN = """
+SELECT EXTRACT(EPOCH FROM min(run_at) - now()) FROM {jobs}
+WHERE state = 'scheduled' AND queue = ANY(%(queues)s::text[])
+"""
+
+# -- rate limits and queue concurrency -----------------------------------------------------------
+
+# A transaction-scoped advisory lock on a name: serialises rate-limit decisions for one key, and
+# capped claims for one queue, across every worker.
+ADVISORY_XACT_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%(name)s))"
+
+# Sliding-window log: grant a start if fewer than %(limit)s starts happened in the last %(window)s
+# seconds, else say how long until the oldest leaves the window. Run under ADVISORY_XACT_LOCK.
+RATE_TAKE = """
+WITH purged AS (
+    DELETE FROM {rate_events} WHERE key = %(key)s AND at <= clock_timestamp() - %(window)s * interval '1 second'
+), recent AS (
+    SELECT count(*) AS used, min(at) AS oldest FROM {rate_events}
+    WHERE key = %(key)s AND at > clock_timestamp() - %(window)s * interval '1 second'
+), granted AS (
+    INSERT INTO {rate_events} (key, at, expires_at)
+    SELECT %(key)s, clock_timestamp(), clock_timestamp() + %(window)s * interval '1 second'
+    FROM recent WHERE used < %(limit)s
+    RETURNING at
+)
+SELECT (SELECT max(at) FROM granted),
+       (SELECT EXTRACT(EPOCH FROM oldest + %(window)s * interval '1 second' - clock_timestamp()) FROM recent)
+"""
+
+# Give back a start granted by RATE_TAKE (the job was held back by another limit after all).
+RATE_RELEASE = "DELETE FROM {rate_events} WHERE key = %(key)s AND at = %(at)s"
+
+RUNNING_IN_QUEUE = "SELECT count(*) FROM {jobs} WHERE queue = %(queue)s AND state = 'running'"
+
+# -- workers, heartbeats, rescue -------------------------------------------------------------
+
+HEARTBEAT = """
+INSERT INTO {workers} (id, hostname, pid, queues, concurrency)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, %(concurrency)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+"""
+
+DELETE_WORKER = "DELETE FROM {workers} WHERE id = %(id)s"
+
+# Running jobs whose worker stopped heartbeating (or is gone) go back to 'available'; the attempt
+# they used stays counted, and a job out of attempts goes dead instead. The row lock taken by the
+# UPDATE re-checks state = 'running', so a job completed meanwhile is not touched.
+RESCUE_JOBS = """
+WITH stale AS (
+    SELECT j.id FROM {jobs} AS j
+    WHERE j.state = 'running'
+      AND NOT EXISTS (SELECT 1 FROM {workers} AS w
+                      WHERE w.id = j.worker_id AND w.heartbeat_at > now() - %(after)s * interval '1 second')
+    FOR UPDATE SKIP LOCKED
+), rescued AS (
+    UPDATE {jobs} AS j
+    SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
+        finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempt, 'type', 'WorkerLost', 'module', 'taskpg', 'at', now(), 'worker', j.worker_id,
+            'message', 'the worker running this attempt stopped heartbeating', 'traceback', NULL)),
+        worker_id = NULL
+    FROM stale WHERE j.id = stale.id
+    RETURNING j.id, j.state, j.queue
+), woken AS (
+    SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM rescued WHERE state = 'available') q
+)
+SELECT count(*), (SELECT count(*) FROM woken), array_agg(id::text) FILTER (WHERE state = 'dead') FROM rescued
+"""
+
+# Self-healing for a claim whose reply was lost with the connection: jobs this live worker holds
+# in the database but not in memory go back to 'available' (their attempt stays counted). The
+# age guard keeps a claim that is still on its way back to the worker out of reach.
+RELEASE_UNKNOWN = """
+UPDATE {jobs} SET state = 'available', worker_id = NULL
+WHERE state = 'running' AND worker_id = %(worker_id)s AND started_at < now() - interval '30 seconds'
+  AND NOT (id = ANY(%(held)s::uuid[]))
+"""
+
+DELETE_STALE_WORKERS = """
+DELETE FROM {workers} WHERE heartbeat_at < now() - %(after)s * interval '1 second'
+"""
+
+
+# -- periodic schedules (beat) -----------------------------------------------------------------
+
+# Leadership among beat processes: a session-level advisory lock, held for as long as the leader's
+# connection lives (a killed leader's session ends and frees it). It only saves work: correctness
+# comes from the primary key of periodic_ticks below.
+TRY_BEAT_LEADER = "SELECT pg_try_advisory_lock(hashtext(%(key)s))"
+
+LAST_TICKS = """
+SELECT schedule, max(tick), max(tick) FILTER (WHERE job_id IS NOT NULL)
+FROM {periodic_ticks} WHERE schedule = ANY(%(schedules)s::text[]) GROUP BY schedule
+"""
+
+# Claim one tick of one schedule. The primary key (schedule, tick) lets exactly one claimant in;
+# it enqueues the tick's job in the same transaction, so a tick and its job commit together.
+CLAIM_TICK = """
+INSERT INTO {periodic_ticks} (schedule, tick, job_id) VALUES (%(schedule)s, %(tick)s, %(job_id)s)
+ON CONFLICT DO NOTHING RETURNING job_id
+"""
+
+SET_TICK_JOB = """
+UPDATE {periodic_ticks} SET job_id = %(job_id)s WHERE schedule = %(schedule)s AND tick = %(tick)s
+"""
+
+# -- retention --------------------------------------------------------------------------------
+
+# Delete finished jobs of one state older than a given age, in batches (short transactions).
+PRUNE_BY_AGE = """
+DELETE FROM {jobs} WHERE id IN (
+    SELECT id FROM {jobs}
+    WHERE state = %(state)s AND finished_at < now() - %(age)s * interval '1 second'
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND NOT (queue = ANY(%(other_queues)s::text[]))
+    LIMIT %(batch)s
+)
+"""
+
+# Keep at most %(keep)s finished jobs of one state per queue, the newest.
+PRUNE_BY_COUNT = """
+DELETE FROM {jobs} WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY queue ORDER BY finished_at DESC) AS newest
+        FROM {jobs}
+        WHERE state = %(state)s AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+          AND NOT (queue = ANY(%(other_queues)s::text[]))
+    ) AS ranked
+    WHERE newest > %(keep)s
+    LIMIT %(batch)s
+)
+"""
+
+PRUNE_TICKS = """
+DELETE FROM {periodic_ticks} AS t
+WHERE t.created_at < now() - %(age)s * interval '1 second'
+  AND t.tick < (SELECT max(tick) FROM {periodic_ticks} AS newest WHERE newest.schedule = t.schedule)
+"""
+
+# -- operations (CLI) --------------------------------------------------------------------------
+# Filters are optional: a NULL parameter means "any".
+
+# Per task: calls turned away by throttles (windows still kept), and snoozes of jobs still kept.
+TASK_LIMIT_STATS = """
+SELECT task, sum(throttled)::bigint, sum(snoozed)::bigint FROM (
+    SELECT task, rejected AS throttled, 0 AS snoozed FROM {throttle_windows} WHERE rejected > 0
+    UNION ALL
+    SELECT task, 0, snoozes FROM {jobs} WHERE snoozes > 0
+) AS counts GROUP BY task ORDER BY task
+"""
+
+PRUNE_LIMITS = """
+WITH windows AS (DELETE FROM {throttle_windows} WHERE window_end < now() - interval '1 day'),
+     locks AS (DELETE FROM {unique_locks} WHERE until < now()),
+     events AS (DELETE FROM {rate_events} WHERE expires_at < now())
+SELECT 1
+"""
+
+JOB_COUNTS = """
+SELECT queue, state, count(*) FROM {jobs} GROUP BY queue, state ORDER BY queue, state
+"""
+
+LIST_WORKERS = """
+SELECT id, hostname, pid, queues, concurrency, started_at, heartbeat_at,
+       heartbeat_at > now() - %(alive_within)s * interval '1 second' AS alive
+FROM {workers} ORDER BY started_at
+"""
+
+DEAD_LIST = """
+SELECT id::text, task, queue, attempt, finished_at, errors -> -1 ->> 'type', errors -> -1 ->> 'message'
+FROM {jobs}
+WHERE state = 'dead' AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND (%(task)s::text IS NULL OR task = %(task)s)
+ORDER BY finished_at DESC
+LIMIT %(limit)s
+"""
+
+# Bring dead jobs back: a fresh set of attempts, the error history kept.
+DEAD_RETRY = """
+WITH retried AS (
+    UPDATE {jobs}
+    SET state = 'available', attempt = 0, snoozes = 0, run_at = now(), finished_at = NULL, worker_id = NULL
+    WHERE state = 'dead'
+      AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND (%(task)s::text IS NULL OR task = %(task)s)
+    RETURNING id, queue
+), woken AS (
+    SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM retried) q
+)
+SELECT count(*), (SELECT count(*) FROM woken) FROM retried
+"""
+
+DEAD_PURGE = """
+DELETE FROM {jobs}
+WHERE state = 'dead' AND finished_at < now() - %(older_than)s * interval '1 second'
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND (%(task)s::text IS NULL OR task = %(task)s)
+"""
+
+
+class Queries:
+    """The statements above rendered for one schema, as plain attributes."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = validate_schema_name(schema)
+        self.jobs_channel = f"taskpg_{schema}_jobs"
+        self.done_channel = f"taskpg_{schema}_done"
+        self.insert_job = self._render(INSERT_JOB)
+        self.active_unique = self._render(ACTIVE_UNIQUE)
+        self.take_unique_lock = self._render(TAKE_UNIQUE_LOCK)
+        self.release_unique_lock = self._render(RELEASE_UNIQUE_LOCK)
+        self.throttle_admit = self._render(THROTTLE_ADMIT)
+        self.throttle_rejected = self._render(THROTTLE_REJECTED)
+        self.copy_jobs = self._render(COPY_JOBS)
+        self.copy_to_queue = self._render(COPY_TO_QUEUE)
+        self.create_staging = self._render(CREATE_STAGING)
+        self.copy_staging = self._render(COPY_STAGING)
+        self.insert_from_staging = self._render(INSERT_FROM_STAGING)
+        self.notify_queues = self._render(NOTIFY_QUEUES)
+        self.db_now = self._render(DB_NOW)
+        self.get_job = self._render(GET_JOB)
+        self.revoke_job = self._render(REVOKE_JOB)
+        self.schema_version = self._render(SCHEMA_VERSION)
+        self.claim_jobs = self._render(CLAIM_JOBS)
+        self.finish_jobs = self._render(FINISH_JOBS)
+        self.promote_due = self._render(PROMOTE_DUE)
+        self.next_due_in = self._render(NEXT_DUE_IN)
+        self.heartbeat = self._render(HEARTBEAT)
+        self.delete_worker = self._render(DELETE_WORKER)
+        self.rescue_jobs = self._render(RESCUE_JOBS)
+        self.release_unknown = self._render(RELEASE_UNKNOWN)
+        self.delete_stale_workers = self._render(DELETE_STALE_WORKERS)
+        self.advisory_xact_lock = self._render(ADVISORY_XACT_LOCK)
+        self.rate_take = self._render(RATE_TAKE)
+        self.rate_release = self._render(RATE_RELEASE)
+        self.running_in_queue = self._render(RUNNING_IN_QUEUE)
+        self.try_beat_leader = self._render(TRY_BEAT_LEADER)
+        self.last_ticks = self._render(LAST_TICKS)
+        self.claim_tick = self._render(CLAIM_TICK)
+        self.set_tick_job = self._render(SET_TICK_JOB)
+        self.prune_by_age = self._render(PRUNE_BY_AGE)
+        self.prune_by_count = self._render(PRUNE_BY_COUNT)
+        self.prune_ticks = self._render(PRUNE_TICKS)
+        self.task_limit_stats = self._render(TASK_LIMIT_STATS)
+        self.prune_limits = self._render(PRUNE_LIMITS)
+        self.job_counts = self._render(JOB_COUNTS)
+        self.list_workers = self._render(LIST_WORKERS)
+        self.dead_list = self._render(DEAD_LIST)
+        self.dead_retry = self._render(DEAD_RETRY)
+        self.dead_purge = self._render(DEAD_PURGE)
+
+    def _render(self, template: str) -> str:
+        return (
+            sql.SQL(template)
+            .format(
+                jobs=sql.Identifier(self.schema, "jobs"),
+                workers=sql.Identifier(self.schema, "workers"),
+                periodic_ticks=sql.Identifier(self.schema, "periodic_ticks"),
+                unique_locks=sql.Identifier(self.schema, "unique_locks"),
+                throttle_windows=sql.Identifier(self.schema, "throttle_windows"),
+                rate_events=sql.Identifier(self.schema, "rate_events"),
+                alembic_version=sql.Identifier(self.schema, "alembic_version"),
+            )
+            .as_string()
+        )
+
+    @staticmethod
+    def listen(channel: str) -> str:
+        """``LISTEN <channel>`` with the channel quoted as an identifier."""
+        return sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_string()

@@ -1,0 +1,253 @@
+"""``Task``: a registered function plus its options; ``delay``/``apply_async``/``delay_many``."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import datetime as dt
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from . import codec
+from .broker import caller_connection
+from .enqueue import Guard, NewJob, copy_jobs, insert_job, insert_jobs
+from .exceptions import ConfigurationError, Retry, Snooze
+from .job import new_job_id
+from .limits import Throttle, render_key, unique_key_for
+from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
+from .result import AsyncResult
+
+if TYPE_CHECKING:
+    from .app import TaskPG
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class Request:
+    """What a bound task (``bind=True``) sees as ``self.request`` while it runs."""
+
+    id: str | None = None
+    task: str | None = None
+    queue: str | None = None
+    attempt: int = 0
+    max_attempts: int = 1
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def retries(self) -> int:
+        """Celery's name: how many times this job was retried before this attempt."""
+        return max(0, self.attempt - 1)
+
+
+_current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("taskpg_request", default=None)
+
+
+class Task(Generic[P, R]):
+    """A task function registered with an app. Calling it runs the function inline."""
+
+    def __init__(self, app: TaskPG, fn: Callable[..., R], name: str, options: TaskOptions) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.options = options
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.options.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.run(args, kwargs)
+
+    def run(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> R:
+        """Call the function (with ``self`` first when ``bind=True``)."""
+        if self.options.bind:
+            return self.fn(self, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    # -- inside a running task (bind=True) ---------------------------------------------------
+
+    @property
+    def request(self) -> Request:
+        """The running job's id, attempt and arguments (an empty Request outside a worker)."""
+        return _current_request.get() or Request(task=self.name)
+
+    def retry(
+        self, countdown: float | None = None, exc: BaseException | None = None, max_retries: int | None = None
+    ) -> Retry:
+        """Ask for another attempt; raises ``Retry`` (Celery: ``raise self.retry(exc=e)`` works too)."""
+        raise Retry(countdown=countdown, exc=exc, max_retries=max_retries)
+
+    def snooze(self, seconds: float) -> Snooze:
+        """Run again after ``seconds`` without spending an attempt; raises ``Snooze``."""
+        raise Snooze(seconds)
+
+    # -- enqueue ---------------------------------------------------------------------------------
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+        """Enqueue with the task's default options (Celery's shortcut)."""
+        return self.apply_async(args=args, kwargs=kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        session: Any = None,
+        connection: Any = None,
+        via: str | None = None,
+    ) -> AsyncResult:
+        """Enqueue one job.
+
+        ``countdown`` (seconds) or ``eta`` (an aware datetime) delay it; ``queue``/``priority``
+        override the task's. With ``session=`` (SQLAlchemy) or ``connection=`` (psycopg) the job is
+        written in the caller's transaction and exists only if that transaction commits.
+        ``via="buffer"`` pushes it onto the Redis buffer instead (one round trip; see docs/buffer.md).
+        """
+        job, guard = self._prepare(args or (), kwargs or {}, countdown, eta, queue, priority)
+        if self._through_buffer(via, session, connection, guard):
+            holder: str | None = self.app.buffer.push(job, _unique_key(job, guard), self.options.unique_for, guard)
+        else:
+            holder = insert_job(self.app.db, job, caller_connection(session, connection), guard)
+        if holder is None:
+            return AsyncResult(self.app, job.id, self.name, throttled=True)
+        return AsyncResult(self.app, holder, self.name)
+
+    def _through_buffer(self, via: str | None, session: Any, connection: Any, guard: Guard | None) -> bool:
+        chosen = via or self.options.via or self.app.default_via
+        if chosen not in VIA_CHOICES:
+            raise ConfigurationError(f"via={chosen!r}: expected one of {VIA_CHOICES}")
+        if chosen == "buffer" and (session is not None or connection is not None):
+            if via == "buffer":
+                raise ConfigurationError("via='buffer' cannot join your transaction: drop session=/connection=")
+            return False  # a transactional enqueue always goes straight to Postgres
+        if chosen == "buffer" and guard is not None and guard.throttle is not None:
+            return False  # a throttle is decided in Postgres at enqueue time, so throttled calls go direct
+        return chosen == "buffer"
+
+    def delay_many(
+        self,
+        calls: Iterable[Sequence[Any] | Mapping[str, Any]],
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        session: Any = None,
+        connection: Any = None,
+        via: str | None = None,
+    ) -> list[str | None]:
+        """Enqueue many jobs with one COPY, in one transaction; returns their ids in order.
+
+        Each item is the positional arguments of one call (a tuple or list), or its keyword
+        arguments (a dict). Nothing is written if any item fails to encode. Tasks with a throttle
+        or a unique key are written row by row in one transaction instead of by COPY: the id of a
+        call that collided is the existing job's, and None marks a call a throttle turned away.
+        """
+        ids: list[str | None] = []
+        guards: list[Guard | None] = []
+
+        def jobs() -> Iterator[NewJob]:
+            for call in calls:
+                if isinstance(call, Mapping):
+                    job, guard = self._prepare((), call, countdown, eta, queue, priority)
+                elif isinstance(call, (tuple, list)):
+                    job, guard = self._prepare(call, {}, countdown, eta, queue, priority)
+                else:
+                    raise ConfigurationError(
+                        f"delay_many items are argument tuples or keyword dicts; got {type(call).__name__}"
+                    )
+                ids.append(job.id)
+                guards.append(guard)
+                yield job
+
+        target = caller_connection(session, connection)
+        guarded = self.options.throttle is not None or self.options.unique_key is not None
+        if self._through_buffer(via, session, connection, self._sample_guard()):
+            if guarded:
+                batch = list(jobs())
+                unique_for = self.options.unique_for
+                return [
+                    self.app.buffer.push(j, _unique_key(j, g), unique_for, g)
+                    for j, g in zip(batch, guards, strict=True)
+                ]
+            self.app.buffer.push_many(jobs())
+        elif guarded:
+            batch = list(jobs())
+            return insert_jobs(self.app.db, batch, guards, target)
+        else:
+            copy_jobs(self.app.db, jobs(), target)
+        return ids
+
+    def _sample_guard(self) -> Guard | None:
+        """Whether calls of this task carry a throttle (for routing; the key does not matter)."""
+        if self.options.throttle is None:
+            return None
+        return Guard(self.name, throttle=Throttle("", self.options.throttle, False))
+
+    def _prepare(
+        self,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        countdown: float | None,
+        eta: dt.datetime | None,
+        queue: str | None,
+        priority: int | None,
+    ) -> tuple[NewJob, Guard | None]:
+        """The job for one call, with the throttle and unique-key checks it needs at enqueue."""
+        args_json, kwargs_json = codec.encode_arguments(self.name, args, kwargs, self.app.max_payload_bytes)
+        if countdown is not None and (
+            isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not countdown >= 0
+        ):
+            raise ConfigurationError(f"countdown={countdown!r}: expected a number of seconds >= 0")
+        if eta is not None and countdown is not None:
+            raise ConfigurationError("give countdown= or eta=, not both")
+        if eta is not None and eta.tzinfo is None:
+            raise ConfigurationError("eta= must be a timezone-aware datetime")
+        job = NewJob(
+            id=new_job_id(),
+            task=self.name,
+            queue=self.options.queue if queue is None else validate_queue_name(queue),
+            args=args_json,
+            kwargs=kwargs_json,
+            priority=self.options.priority if priority is None else validate_priority(priority),
+            max_attempts=self.options.max_attempts,
+            eta=eta,
+            countdown=float(countdown or 0.0),
+        )
+        options = self.options
+        unique = unique_key_for(self, args, kwargs)
+        throttle = None
+        if options.throttle_key is not None and options.throttle is not None:
+            key = render_key(options.throttle_key, self, args, kwargs, "throttle_key")
+            throttle = Throttle(key, options.throttle, options.throttle_mode == "defer")
+        if unique is not None and options.unique_for is None:
+            job = dataclasses.replace(job, unique_key=unique)
+            unique = None
+        if throttle is None and unique is None:
+            return job, None
+        return job, Guard(self.name, throttle=throttle, unique_for_key=unique, unique_for=options.unique_for)
+
+
+def _unique_key(job: NewJob, guard: Guard | None) -> str | None:
+    """The key a buffered push is deduplicated on: the job's own, or its ``unique_for`` key."""
+    return job.unique_key or (guard.unique_for_key if guard is not None else None)
+
+
+@contextlib.contextmanager
+def request_context(request: Request) -> Iterator[None]:
+    """Make ``request`` what ``self.request`` returns while a worker runs the job."""
+    token = _current_request.set(request)
+    try:
+        yield
+    finally:
+        _current_request.reset(token)

@@ -1,0 +1,24 @@
+"""Running an example program as its own process, as a user would (shared by the example tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str, timeout: float = 180, **env: str) -> str:
+    """Run ``examples/<name>`` with extra environment variables; returns its stdout (fails on exit != 0)."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout

@@ -1,0 +1,68 @@
+"""Tasks for the worker processes of test_worker_process.py (``taskpg worker -A proc_tasks``).
+
+The app comes from TASKPG_DSN / TASKPG_SCHEMA. Every task first records its execution in
+``<schema>.executions`` (job id, n, pid of the process that ran it), so a test can tell from the
+database which jobs ran, how often and where. The test creates that table before starting workers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from taskpg import SoftTimeLimitExceeded, TaskPG
+
+# os.environ.get: the test process imports this module too, only to read the task definitions.
+app = TaskPG(os.environ.get("TASKPG_DSN"), schema=os.environ.get("TASKPG_SCHEMA"))
+
+_local = threading.local()
+
+
+def _record_execution(task: Any, n: int) -> None:
+    conn = getattr(_local, "conn", None)
+    if conn is None or conn.closed:
+        conn = _local.conn = psycopg.connect(app.dsn, autocommit=True)
+    conn.execute(
+        sql.SQL("INSERT INTO {} (job_id, n, pid) VALUES (%s, %s, %s)").format(sql.Identifier(app.schema, "executions")),
+        (task.request.id, n, os.getpid()),
+    )
+
+
+@app.task(bind=True)
+def record(self: Any, n: int) -> int:
+    _record_execution(self, n)
+    return n
+
+
+@app.task(bind=True)
+def sleepy(self: Any, seconds: float, n: int) -> int:
+    _record_execution(self, n)
+    time.sleep(seconds)
+    return n
+
+
+@app.task(bind=True)
+def fail(self: Any, n: int) -> None:
+    _record_execution(self, n)
+    raise ValueError(f"fail {n}")
+
+
+@app.task(bind=True, time_limit=1, max_retries=0)
+def hang(self: Any, n: int) -> None:
+    _record_execution(self, n)
+    time.sleep(30)
+
+
+@app.task(bind=True, soft_time_limit=0.5, time_limit=5, max_retries=0)
+def soft(self: Any, n: int) -> str:
+    _record_execution(self, n)
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        return "soft"
+    return "not interrupted"

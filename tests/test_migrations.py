@@ -1,0 +1,113 @@
+"""Alembic owns the schema: head matches schema.py, round trips work, unmigrated use fails clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from taskpg import SchemaNotReady, TaskPG, migrate
+from taskpg.dsn import sqlalchemy_engine
+from taskpg.schema import SCHEMA_REVISION, build_metadata
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tables(db: psycopg.Connection, schema: str) -> set[str]:
+    rows = db.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_schema_revision_is_the_alembic_head() -> None:
+    script = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused", "taskpg"))
+    assert script.get_current_head() == SCHEMA_REVISION
+
+
+def test_migrated_database_matches_schema_py(pg_dsn: str, migrated_schema: str) -> None:
+    engine = sqlalchemy_engine(pg_dsn)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "include_schemas": True,
+                    "version_table_schema": migrated_schema,
+                    "include_name": lambda name, kind, parent: kind != "schema" or name == migrated_schema,
+                },
+            )
+            diff = compare_metadata(context, build_metadata(migrated_schema))
+    finally:
+        engine.dispose()
+    assert diff == []
+
+
+def test_downgrade_upgrade_round_trip(pg_dsn: str, schema: str, db: psycopg.Connection) -> None:
+    migrate.upgrade(pg_dsn, schema)
+    assert migrate.current(pg_dsn, schema) == SCHEMA_REVISION
+    assert {"jobs", "workers", "alembic_version"} <= tables(db, schema)
+    migrate.downgrade(pg_dsn, schema, "base")
+    assert migrate.current(pg_dsn, schema) is None
+    assert tables(db, schema) == {"alembic_version"}
+    migrate.upgrade(pg_dsn, schema)
+    assert migrate.current(pg_dsn, schema) == SCHEMA_REVISION
+
+
+def test_enqueue_on_unmigrated_schema_names_taskpg_migrate(pg_dsn: str, schema: str) -> None:
+    app = TaskPG(pg_dsn, schema=schema)
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    with pytest.raises(SchemaNotReady, match=f"{schema}.*is not migrated.*taskpg migrate"):
+        noop.delay()
+    app.close()
+
+
+def test_enqueue_on_outdated_schema_names_taskpg_migrate(
+    pg_dsn: str, migrated_schema: str, db: psycopg.Connection
+) -> None:
+    db.execute(f'UPDATE "{migrated_schema}".alembic_version SET version_num = %s', ("0000",))
+    app = TaskPG(pg_dsn, schema=migrated_schema)
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    with pytest.raises(SchemaNotReady, match=r"is at revision 0000.*taskpg migrate"):
+        noop.delay()
+    app.close()
+
+
+def test_plain_alembic_with_the_shipped_config(pg_dsn: str, schema: str, db: psycopg.Connection) -> None:
+    env = {**os.environ, "TASKPG_DSN": pg_dsn}
+    alembic = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"schema={schema}"]
+    subprocess.run([*alembic, "upgrade", "head"], check=True, env=env, cwd=REPO.parent, capture_output=True)
+    assert "jobs" in tables(db, schema)
+    out = subprocess.run([*alembic, "current"], check=True, env=env, cwd=REPO.parent, capture_output=True, text=True)
+    assert SCHEMA_REVISION in out.stdout
+    subprocess.run([*alembic, "downgrade", "base"], check=True, env=env, cwd=REPO.parent, capture_output=True)
+    assert "jobs" not in tables(db, schema)
+
+
+def test_two_schemas_are_independent(pg_dsn: str, migrated_schema: str, db: psycopg.Connection) -> None:
+    other = migrated_schema + "_b"
+    migrate.upgrade(pg_dsn, other)
+    try:
+        first, second = TaskPG(pg_dsn, schema=migrated_schema), TaskPG(pg_dsn, schema=other)
+        for app in (first, second):
+            app.task(name="same.name")(lambda: None)
+        first.tasks["same.name"].delay()
+        row = db.execute(f'SELECT count(*) FROM "{other}".jobs').fetchone()
+        assert row == (0,)
+        first.close()
+        second.close()
+    finally:
+        db.execute(f'DROP SCHEMA "{other}" CASCADE')

@@ -1,0 +1,131 @@
+"""Handles: status names, get() woken by NOTIFY, rebuilt errors, revoke, AsyncResult(id)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from taskpg import TaskPG, TaskRevoked, TimeoutError
+from taskpg.errors import describe
+from taskpg.exceptions import TaskError
+from taskpg.result import SAFETY_RECHECK_SECONDS
+
+
+def finish(
+    db: psycopg.Connection,
+    app: TaskPG,
+    job_id: str,
+    state: str,
+    *,
+    result: Any = None,
+    error: dict[str, Any] | None = None,
+    attempt: int = 1,
+) -> None:
+    """Write an outcome the way a worker does (row update + done notification)."""
+    errors = json.dumps([error] if error else [])
+    db.execute(
+        f'UPDATE "{app.schema}".jobs SET state = %s, attempt = %s, result = %s::jsonb, errors = %s::jsonb, '
+        "finished_at = now() WHERE id = %s",
+        (state, attempt, json.dumps(result), errors, job_id),
+    )
+    db.execute("SELECT pg_notify(%s, %s)", (app.db.queries.done_channel, job_id))
+
+
+@pytest.fixture
+def noop(app: TaskPG):  # type: ignore[no-untyped-def]
+    @app.task
+    def noop(x: int = 0) -> int:
+        return x
+
+    return noop
+
+
+def test_status_names_follow_celery(app: TaskPG, noop, db: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    handle = noop.delay()
+    assert (handle.status, handle.ready()) == ("PENDING", False)
+    db.execute(f'UPDATE "{app.schema}".jobs SET state = %s, attempt = 1 WHERE id = %s', ("running", handle.id))
+    assert handle.status == "STARTED"
+    db.execute(f'UPDATE "{app.schema}".jobs SET state = %s WHERE id = %s', ("scheduled", handle.id))
+    assert handle.status == "RETRY"
+    finish(db, app, handle.id, "succeeded", result={"ok": [1, 2]})
+    assert (handle.status, handle.ready(), handle.successful(), handle.result) == (
+        "SUCCESS",
+        True,
+        True,
+        {"ok": [1, 2]},
+    )
+
+
+def test_get_is_woken_by_notify_not_by_polling(app: TaskPG, noop, db: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    handle = noop.delay(5)
+    threading.Timer(0.3, finish, args=(db, app, handle.id, "succeeded"), kwargs={"result": 5}).start()
+    started = time.monotonic()
+    assert handle.get(timeout=10) == 5
+    waited = time.monotonic() - started
+    assert 0.25 < waited < SAFETY_RECHECK_SECONDS / 2, waited
+
+
+def test_get_times_out(app: TaskPG, noop) -> None:  # type: ignore[no-untyped-def]
+    handle = noop.delay()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=handle.id):
+        handle.get(timeout=0.3)
+    assert time.monotonic() - started < 2
+
+
+def test_get_raises_the_task_error_with_type_and_message(app: TaskPG, noop, db: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    handle = noop.delay()
+    try:
+        raise ValueError("card declined")
+    except ValueError as exc:
+        finish(db, app, handle.id, "dead", error=describe(exc, attempt=1))
+    with pytest.raises(ValueError, match="card declined") as caught:
+        handle.get(timeout=5)
+    assert "raise ValueError" in caught.value.remote_traceback  # type: ignore[attr-defined]
+    assert handle.status == "FAILURE" and handle.failed()
+    assert isinstance(handle.get(timeout=5, propagate=False), ValueError)
+    assert isinstance(handle.result, ValueError)
+
+
+def test_unknown_error_types_are_rebuilt_without_importing(app: TaskPG, noop, db: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    handle = noop.delay()
+    error = {
+        "type": "PaymentGatewayDown",
+        "module": "some.module.never.imported",
+        "message": "503",
+        "traceback": None,
+        "attempt": 1,
+    }
+    finish(db, app, handle.id, "dead", error=error)
+    with pytest.raises(TaskError, match="503") as caught:
+        handle.get(timeout=5)
+    assert type(caught.value).__name__ == "PaymentGatewayDown"
+    assert type(caught.value).__module__ == "some.module.never.imported"
+    import sys
+
+    assert "some.module.never.imported" not in sys.modules
+
+
+def test_revoke_cancels_only_jobs_not_started(app: TaskPG, noop, db: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    waiting, running = noop.delay(), noop.delay()
+    db.execute(f'UPDATE "{app.schema}".jobs SET state = %s, attempt = 1 WHERE id = %s', ("running", running.id))
+    assert waiting.revoke() is True
+    assert waiting.revoke() is False  # already cancelled
+    assert running.revoke() is False
+    assert (waiting.status, running.status) == ("REVOKED", "STARTED")
+    with pytest.raises(TaskRevoked):
+        waiting.get(timeout=5)
+
+
+def test_async_result_rebuilds_a_handle_from_an_id(app: TaskPG, noop, db: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    handle = noop.delay(3)
+    again = app.AsyncResult(handle.id)
+    assert again == handle and again.status == "PENDING"
+    finish(db, app, handle.id, "succeeded", result=3)
+    assert again.get(timeout=5) == 3
+    assert app.AsyncResult("01a20406-0000-7000-8000-000000000000").status == "PENDING"
