@@ -128,18 +128,7 @@ def write(
 ) -> list[str]:
     """Write a batch of outcomes in one transaction; returns the ids that changed (lease still held)."""
     q = db.queries
-    params = {
-        "ids": [o.job.id for o in batch],
-        "leases": [o.job.lease for o in batch],
-        "states": [o.state for o in batch],
-        "delays": [o.delay for o in batch],
-        "results": [o.result for o in batch],
-        "errors": [o.error_json for o in batch],
-        "refunds": [o.refund for o in batch],
-        "snoozes": [o.snoozed for o in batch],
-        "done_channel": q.done_channel,
-        "jobs_channel": q.jobs_channel,
-    }
+    params = {"outcomes": outcomes_json(batch), "done_channel": q.done_channel, "jobs_channel": q.jobs_channel}
     with conn.transaction():
         row = conn.execute(q.finish_jobs, params).fetchone()
         changed: list[str] = list(row[1] or []) if row else []
@@ -153,3 +142,26 @@ def write(
             if outcome.state == "dead" and outcome.job.id in changed_ids:
                 route_dead_letter(db, conn, outcome.job.id, tasks)
     return changed
+
+
+def outcomes_json(batch: list[Outcome]) -> str:
+    """The batch as the JSON array ``FINISH_JOBS`` reads: keys with default values are left out.
+
+    Built as text: ids, leases and states are plain ASCII, results and errors are JSON already.
+    """
+    items = []
+    for outcome in batch:
+        job = outcome.job
+        item = f'{{"id":"{job.id}","lease":"{job.lease}","state":"{outcome.state}"'
+        if outcome.result is not None:
+            item += f',"result":{outcome.result}'
+        if outcome.error is not None:
+            item += f',"error":{outcome.error_json}'
+        if outcome.delay:
+            item += f',"delay":{float(outcome.delay)!r}'
+        if outcome.refund:
+            item += f',"refund":{int(outcome.refund)}'
+        if outcome.snoozed:
+            item += f',"snoozed":{int(outcome.snoozed)}'
+        items.append(item + "}")
+    return "[" + ",".join(items) + "]"

@@ -103,6 +103,7 @@ class Executor:
         self.admit = admit  # rate limits: seconds a call must wait before it may start (0 = now)
         self.limited_queues = limited_queues
         self._signatures: dict[Callable[..., Any], inspect.Signature | None] = {}
+        self._async: dict[Callable[..., Any], bool] = {}
 
     def dead(self, job: ClaimedJob, error_type: str, message: str) -> Outcome:
         """An outcome that sends the job to the dead state with a reason that says why."""
@@ -222,4 +223,9 @@ class Executor:
         return self.conclude(call, result)
 
     def is_async(self, call: Call) -> bool:
-        return inspect.iscoroutinefunction(call.task.fn)
+        """Whether the call's task is an ``async def`` (asked once per task, per job after that)."""
+        fn = call.task.fn
+        answer = self._async.get(fn)
+        if answer is None:
+            answer = self._async[fn] = inspect.iscoroutinefunction(fn)
+        return answer

@@ -27,8 +27,16 @@ def reconnecting(
     """Run ``work``; on a connection error call ``reset`` and try again with exponential backoff.
 
     Tries until it succeeds, or (when ``stop`` is given) until ``stop`` is set, in which case the
-    last error is raised.
+    last error is raised. The first try is a plain call: the retry machinery is only built once a
+    connection has been lost (this runs once per claim and per batch of outcomes).
     """
+    try:
+        return work()
+    except CONNECTION_ERRORS as exc:
+        if stop is not None and stop.is_set():
+            raise
+        logger.warning("lost the database while %s (%s); retrying", what, exc)
+        reset()
 
     def should_stop(state: tenacity.RetryCallState) -> bool:
         return stop is not None and stop.is_set()

@@ -149,8 +149,8 @@ class Worker:
 
     def _on_free(self) -> None:
         """A job left the pool or an outcome was written: wake the fetch loop once a claim fits."""
-        if self._room() >= self.settings.refill_at:
-            self._wake.set()
+        if not self._wake.is_set() and self._room() >= self.settings.refill_at:
+            self._wake.set()  # Event.set takes a lock and notifies: only when the loop may sleep
 
     def _wake_for_work(self) -> None:
         self._wanted = True
