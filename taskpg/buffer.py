@@ -93,7 +93,7 @@ class BufferProducer:
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for start in range(0, len(batch), PUSH_CHUNK):
-                    pipe.rpush(self.key, *(envelope.encode(j) for j in batch[start : start + PUSH_CHUNK]))
+                    pipe.rpush(self.key, *envelope.encode_many(batch[start : start + PUSH_CHUNK]))
                 pipe.execute()
         except _redis_errors() as exc:
             # A pipeline that failed part-way may have pushed some chunks already. Write them all

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,25 +34,47 @@ from .task import Task
 UNDECODABLE_TASK = "taskpg.undecodable_envelope"
 #: The longest delay an envelope may ask for (ten years).
 MAX_COUNTDOWN = 10 * 365 * 86400.0
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: Envelopes whose text starts so bring their own id (taskpg's own do): no default id is made for them.
+OWN_ID_PREFIX = b'{"id":"'
+
+_COUNTDOWN_RANGE = f"'countdown' must be between 0 and {MAX_COUNTDOWN:g} seconds"
+_MAX_ATTEMPTS_RANGE = "'max_attempts' must be an integer from 1 to 2147483647"
 
 
-def encode(job: NewJob, enqueued_at: dt.datetime | None = None) -> str:
-    """The envelope text for a job built by ``Task._prepare``."""
-    return codec.dumps(
-        {
-            "id": job.id,
-            "task": job.task,
-            "args": codec.loads(job.args),
-            "kwargs": codec.loads(job.kwargs),
-            "queue": job.queue,
-            "priority": job.priority,
-            "eta": job.eta.isoformat() if job.eta else None,
-            "countdown": job.countdown or None,
-            "max_attempts": job.max_attempts,
-            "unique_key": job.unique_key,
-            "enqueued_at": (enqueued_at or dt.datetime.now(dt.timezone.utc)).isoformat(),
-        }
+def encode(job: NewJob, enqueued_at: str | None = None) -> str:
+    """The envelope text for a job built by ``Task._prepare``: its JSON arguments are used as they are.
+
+    ``id`` comes first: the flusher recognises envelopes that bring their own id by that prefix.
+    ``enqueued_at`` is an ISO 8601 time (now, by default); ``encode_many`` takes it once per batch.
+    """
+    return (
+        f'{{"id":"{job.id}","task":{_json_name(job.task)},"args":{job.args},"kwargs":{job.kwargs},'
+        f'"queue":{_json_name(job.queue)},"priority":{job.priority:d},'
+        f'"eta":{_json_or_null(job.eta and job.eta.isoformat())},'
+        f'"countdown":{_json_or_null(job.countdown or None)},"max_attempts":{job.max_attempts:d},'
+        f'"unique_key":{_json_or_null(job.unique_key)},"enqueued_at":"{enqueued_at or _now()}"}}'
     )
+
+
+def encode_many(jobs: Iterable[NewJob]) -> list[str]:
+    """The envelopes of a batch, all stamped with the same ``enqueued_at``."""
+    now = _now()
+    return [encode(job, now) for job in jobs]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_name(name: str) -> str:
+    """A task or queue name as JSON (few distinct ones: cached)."""
+    return codec.dumps(name)
+
+
+def _json_or_null(value: Any) -> str:
+    return "null" if value is None else codec.dumps(value)
 
 
 @dataclass(frozen=True)
@@ -73,8 +97,9 @@ def decode(
     envelope's place in its batch, so that writing the same batch twice yields the same ids.
     """
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    if len(text.encode()) > max_bytes:
-        return _rejected(text, f"envelope takes {len(text.encode())} bytes, over the limit of {max_bytes}", make_id)
+    size = len(raw) if isinstance(raw, bytes) else len(text.encode())
+    if size > max_bytes:
+        return _rejected(text, f"envelope takes {size} bytes, over the limit of {max_bytes}", make_id)
     try:
         data = codec.loads(text)
     except Exception as exc:
@@ -100,11 +125,11 @@ def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Task[Any, Any]], m
     kwargs = data.get("kwargs") or {}
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise ValueError("'args' must be a list and 'kwargs' an object")
-    job_id = str(uuid.UUID(str(data["id"]))) if data.get("id") is not None else make_id()
+    job_id = _job_id(data["id"]) if data.get("id") is not None else make_id()
     eta = dt.datetime.fromisoformat(data["eta"]) if data.get("eta") else None
     countdown = float(data.get("countdown") or 0)
     if not 0 <= countdown <= MAX_COUNTDOWN:
-        raise ValueError(f"'countdown' must be between 0 and {MAX_COUNTDOWN:g} seconds")
+        raise ValueError(_COUNTDOWN_RANGE)
     enqueued_at = data.get("enqueued_at")
     if countdown and enqueued_at and eta is None:  # the delay counts from the push, not the flush
         eta = dt.datetime.fromisoformat(enqueued_at) + dt.timedelta(seconds=countdown)
@@ -114,9 +139,9 @@ def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Task[Any, Any]], m
     max_attempts = data.get("max_attempts")
     max_attempts = task.options.max_attempts if max_attempts is None else max_attempts
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 2**31 - 1:
-        raise ValueError("'max_attempts' must be an integer from 1 to 2147483647")
+        raise ValueError(_MAX_ATTEMPTS_RANGE)
     priority = data.get("priority")
-    args_json, kwargs_json = codec.encode_arguments(name, args, kwargs, 2**31)
+    args_json, kwargs_json = _arguments_json(name, args, kwargs)
     return NewJob(
         id=job_id,
         task=name,
@@ -129,6 +154,24 @@ def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Task[Any, Any]], m
         countdown=countdown,
         unique_key=_optional_text(data.get("unique_key"), "unique_key"),
     )
+
+
+def _job_id(value: Any) -> str:
+    """The envelope's id in canonical form (taskpg's own envelopes already have it: no parsing)."""
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return value
+    return str(uuid.UUID(str(value)))
+
+
+def _arguments_json(name: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[str, str]:
+    """Args and kwargs as JSON text again. Decoded JSON always encodes, so only the NUL check of
+    ``codec.encode_arguments`` can fail: it runs when the text may hold one."""
+    if not args and not kwargs:
+        return "[]", "{}"
+    args_json, kwargs_json = codec.dumps(args), codec.dumps(kwargs)
+    if "\\u0000" in args_json or "\\u0000" in kwargs_json:
+        return codec.encode_arguments(name, args, kwargs, 2**31)
+    return args_json, kwargs_json
 
 
 def _optional_text(value: Any, name: str) -> str | None:

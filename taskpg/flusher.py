@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("taskpg.flusher")
 
-# KEYS: buffer, processing list, registry of processing lists. ARGV: how many to move.
+# KEYS: buffer, processing list, registry of processing lists. ARGV: how many to move, separator.
+# Returns the count and the envelopes joined by the separator: one reply to read, not one per envelope.
 _MOVE_BATCH = """
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #items > 0 then
@@ -50,7 +52,7 @@ if #items > 0 then
   redis.call('LTRIM', KEYS[1], #items, -1)
   redis.call('SADD', KEYS[3], KEYS[2])
 end
-return items
+return {#items, table.concat(items, ARGV[2])}
 """
 
 # KEYS: lock. ARGV: owner token, ttl ms. Renew only a lock we still own.
@@ -65,6 +67,28 @@ return 0
 """
 
 Step = Callable[[str], None]
+
+#: Joins a batch's envelopes into Redis' one reply (ASCII RS: JSON text never holds it raw; a batch
+#: where an envelope does is read again as a list).
+SEPARATOR = b"\x1e"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The envelopes of one processing list, joined by SEPARATOR."""
+
+    key: str
+    count: int
+    blob: bytes
+
+    @classmethod
+    def of(cls, key: str, items: list[bytes]) -> Batch:
+        return cls(key, len(items), SEPARATOR.join(items))
+
+    @property
+    def splits(self) -> bool:
+        """Whether splitting the blob gives back the envelopes (no envelope holds a separator)."""
+        return self.count > 0 and self.blob.count(SEPARATOR) == self.count - 1
 
 
 class Flusher:
@@ -119,11 +143,11 @@ class Flusher:
         for key in self._processing_lists():
             if key.startswith(self.own_prefix):
                 continue
-            items = self.redis.lrange(key, 0, -1)
-            if items:
-                logger.warning("recovering %d envelope(s) left by a flusher that died (%s)", len(items), key)
-                self._write(key, items)
-                recovered += len(items)
+            batch = self._read(key)
+            if batch.count:
+                logger.warning("recovering %d envelope(s) left by a flusher that died (%s)", batch.count, key)
+                self._write(batch)
+                recovered += batch.count
             self.redis.delete(key)
             self.redis.srem(self.registry, key)
         return recovered
@@ -136,20 +160,20 @@ class Flusher:
         """
         leftovers = [key for key in self._processing_lists() if key.startswith(self.own_prefix)]
         if leftovers:
-            key = leftovers[0]
-            items = self.redis.lrange(key, 0, -1)
+            batch = self._read(leftovers[0])
         else:
             key = f"{self.own_prefix}{uuid.uuid4()}"
-            items = self._move(keys=[self.buffer, key, self.registry], args=[self.batch_size])
-        if not items:
+            count, blob = self._move(keys=[self.buffer, key, self.registry], args=[self.batch_size, SEPARATOR])
+            batch = Batch(key, int(count), bytes(blob))
+        if not batch.count:
             return 0
         self.on_step("moved")
-        self._write(key, items)
+        self._write(batch)
         self.on_step("committed")
-        self.redis.delete(key)
-        self.redis.srem(self.registry, key)
-        self.flushed += len(items)
-        return len(items)
+        self.redis.delete(batch.key)
+        self.redis.srem(self.registry, batch.key)
+        self.flushed += batch.count
+        return batch.count
 
     def drain(self, timeout: float = 60.0) -> int:
         """Flush until the buffer is empty (what ``taskpg flush`` does); returns the count."""
@@ -169,19 +193,11 @@ class Flusher:
         finally:
             self.release()
 
-    def _write(self, key: str, items: list[Any]) -> None:
-        jobs: list[NewJob] = []
-        dead: dict[str, str] = {}
-        for index, raw in enumerate(items):
-            decoded = envelope.decode(
-                raw, self.app.tasks, self.app.max_payload_bytes, functools.partial(_batch_id, key, index)
-            )
-            if isinstance(decoded, envelope.Rejected):
-                dead[decoded.job.id] = decoded.reason
-                jobs.append(decoded.job)
-                logger.warning("envelope rejected (stored as dead job %s): %s", decoded.job.id, decoded.reason)
-            else:
-                jobs.append(decoded)
+    def _read(self, key: str) -> Batch:
+        return Batch.of(key, self.redis.lrange(key, 0, -1))
+
+    def _write(self, batch: Batch) -> None:
+        """Write a batch in one transaction, retrying while Postgres is unreachable."""
         for attempt in tenacity.Retrying(
             retry=tenacity.retry_if_exception_type((DatabaseUnavailable, *CONNECTION_ERRORS)),
             wait=tenacity.wait_exponential(multiplier=0.1, max=5) + tenacity.wait_random(0, 0.2),
@@ -190,8 +206,25 @@ class Flusher:
             reraise=True,
         ):
             with attempt:
-                insert_idempotent(self.app.db, _Announced(jobs, self.on_step), dead)
+                self._write_decoded(batch)
                 self.renew()
+
+    def _write_decoded(self, batch: Batch) -> None:
+        """Decode in Python (bad envelopes become dead jobs), then COPY and insert idempotently."""
+        items = batch.blob.split(SEPARATOR) if batch.splits else self.redis.lrange(batch.key, 0, -1)
+        jobs: list[NewJob] = []
+        dead: dict[str, str] = {}
+        for index, raw in enumerate(items):
+            decoded = envelope.decode(
+                raw, self.app.tasks, self.app.max_payload_bytes, functools.partial(_batch_id, batch.key, index)
+            )
+            if isinstance(decoded, envelope.Rejected):
+                dead[decoded.job.id] = decoded.reason
+                jobs.append(decoded.job)
+                logger.warning("envelope rejected (stored as dead job %s): %s", decoded.job.id, decoded.reason)
+            else:
+                jobs.append(decoded)
+        insert_idempotent(self.app.db, _Announced(jobs, self.on_step), dead)
 
     # -- the background loop -------------------------------------------------------------------------
 

@@ -257,3 +257,21 @@ def test_odd_envelopes_never_block_the_flusher(buffered_app: TaskPG, redis_url: 
     assert Flusher(buffered_app).drain() == 5
     states = dict(db.execute(f'SELECT state, count(*) FROM "{buffered_app.schema}".jobs GROUP BY 1').fetchall())
     assert states == {"dead": 4, "available": 1}
+
+
+def test_envelope_holding_the_batch_separator_is_still_read_alone(
+    buffered_app: TaskPG, redis_url: str, db: psycopg.Connection
+) -> None:
+    """The move joins a batch with ASCII RS (one Redis reply); a raw RS in a (non-JSON) envelope
+    makes the flusher read the batch as a list instead, so envelopes are never split or merged."""
+
+    @buffered_app.task(name="known")
+    def known(a: int = 0) -> None:
+        return None
+
+    pushed = ["not json \x1e and more", json.dumps({"task": "known", "args": [1]}), "\x1e"]
+    redis.Redis.from_url(redis_url).rpush(buffer_key(buffered_app.schema), *pushed)
+    assert Flusher(buffered_app).drain() == 3
+    rows = db.execute(f'SELECT state, args FROM "{buffered_app.schema}".jobs ORDER BY state, args::text').fetchall()
+    assert [state for state, _ in rows] == ["available", "dead", "dead"]
+    assert sorted(row[1][0] for row in rows[1:]) == sorted(["not json \x1e and more", "\x1e"])
