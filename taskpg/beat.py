@@ -17,7 +17,6 @@ import datetime as dt
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -29,7 +28,7 @@ from .broker import connect
 from .enqueue import insert_job
 from .periodic import Schedule
 from .reconnect import CONNECTION_ERRORS
-from .retention import prune
+from .retention import prune, vacuum_unless_autovacuum
 
 if TYPE_CHECKING:
     from .app import TaskPG
@@ -78,7 +77,6 @@ class Beat:
         self._conn: psycopg.Connection[Any] | None = None
         self._last: dict[str, dt.datetime] = {}  # newest tick handled, per schedule
         self._next: dict[str, dt.datetime] = {}  # when each schedule is next due
-        self._last_prune = 0.0
 
     # -- one round ---------------------------------------------------------------------------------
 
@@ -177,13 +175,14 @@ class Beat:
             from .flusher import start_background
 
             start_background(self.app, self._stop)
+        chores = threading.Thread(target=self._maintain, name="taskpg-maintenance", daemon=True)
+        chores.start()
         logger.info("beat ready with %d schedule(s)", len(self.schedules))
         self.started.set()
         while not self._stop.is_set():
             try:
                 if self.lead():
                     self.tick()
-                    self._maybe_prune()
             except CONNECTION_ERRORS as exc:
                 logger.warning("beat lost the database (%s); reconnecting", exc)
                 if self._conn is not None:
@@ -197,12 +196,26 @@ class Beat:
             self._conn.close()  # ends the session: the lock passes to another beat
         return 0
 
-    def _maybe_prune(self) -> None:
-        if time.monotonic() - self._last_prune >= self.prune_every:
-            self._last_prune = time.monotonic()
-            deleted = prune(self.app.db, self.app.retention)
-            if deleted:
-                logger.info("pruned %d finished job(s)", deleted)
+    def _maintain(self) -> None:
+        """The leader's chores, every ``prune_every`` seconds, in their own thread (a long prune or
+        VACUUM never delays a tick): prune by retention, then vacuum where autovacuum does not."""
+        wait = min(self.prune_every, 5.0)  # the first round soon after start, once a leader is elected
+        while not self._stop.wait(wait):
+            wait = self.prune_every
+            if not self.is_leader:
+                continue
+            try:
+                self.maintain()
+            except Exception:  # the database away, say: the next round tries again
+                logger.exception("maintenance failed; trying again in %s s", self.prune_every)
+
+    def maintain(self) -> None:
+        """One round of chores: prune finished jobs, VACUUM (ANALYZE) the jobs table if autovacuum is off."""
+        deleted = prune(self.app.db, self.app.retention)
+        if deleted:
+            logger.info("pruned %d finished job(s)", deleted)
+        if vacuum_unless_autovacuum(self.app.db):
+            logger.info("vacuumed the jobs table (autovacuum does not look after it)")
 
 
 def describe_schedules(app: TaskPG, now: dt.datetime | None = None) -> list[dict[str, Any]]:

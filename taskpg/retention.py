@@ -2,11 +2,17 @@
 
 Defaults: succeeded and cancelled jobs are kept 24 hours, dead jobs 7 days (long enough to look
 at them and retry them). Beat runs the pruning; nothing else deletes jobs.
+
+Where autovacuum cannot look after the jobs table (off on the server, or disabled on the table),
+beat's chore also vacuums and analyzes it: without that, the space of pruned and finished rows is
+never reused and the planner never gets statistics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from psycopg import sql
 
 from .broker import Database
 
@@ -54,3 +60,20 @@ def prune(db: Database, rules: dict[str | None, Retention]) -> int:
         conn.execute(db.queries.prune_ticks, {"age": 7 * DAY})
         conn.execute(db.queries.prune_limits)
     return deleted
+
+
+def autovacuum_active(db: Database) -> bool:
+    """Whether autovacuum looks after the jobs table (server setting, statistics, table option)."""
+    table = sql.Identifier(db.queries.schema, "jobs").as_string()
+    with db.connection() as conn:
+        row = conn.execute(db.queries.autovacuum_active, {"table": table}).fetchone()
+    return bool(row and row[0])
+
+
+def vacuum_unless_autovacuum(db: Database) -> bool:
+    """``VACUUM (ANALYZE)`` the jobs table when autovacuum does not; True when it ran."""
+    if autovacuum_active(db):
+        return False
+    with db.connection() as conn:  # autocommit: VACUUM cannot run inside a transaction
+        conn.execute(db.queries.vacuum_jobs)
+    return True

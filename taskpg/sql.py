@@ -373,6 +373,19 @@ DELETE FROM {jobs} WHERE id IN (
 )
 """
 
+# Whether autovacuum can look after the jobs table: on for the server (with the statistics it
+# needs) and not disabled on the table. When it cannot, the maintenance chore vacuums it instead.
+AUTOVACUUM_ACTIVE = """
+SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool
+       AND coalesce((SELECT option_value::bool FROM pg_options_to_table(c.reloptions)
+                     WHERE option_name = 'autovacuum_enabled'), true)
+FROM pg_class AS c WHERE c.oid = %(table)s::regclass
+"""
+
+# Makes the space of pruned and updated rows reusable and refreshes the planner's statistics. Takes a
+# SHARE UPDATE EXCLUSIVE lock: enqueues, claims and finishes go on while it runs.
+VACUUM_JOBS = "VACUUM (ANALYZE) {jobs}"
+
 PRUNE_TICKS = """
 DELETE FROM {periodic_ticks} AS t
 WHERE t.created_at < now() - %(age)s * interval '1 second'
@@ -480,6 +493,8 @@ class Queries:
         self.set_tick_job = self._render(SET_TICK_JOB)
         self.prune_by_age = self._render(PRUNE_BY_AGE)
         self.prune_by_count = self._render(PRUNE_BY_COUNT)
+        self.autovacuum_active = self._render(AUTOVACUUM_ACTIVE)
+        self.vacuum_jobs = self._render(VACUUM_JOBS)
         self.prune_ticks = self._render(PRUNE_TICKS)
         self.task_limit_stats = self._render(TASK_LIMIT_STATS)
         self.prune_limits = self._render(PRUNE_LIMITS)

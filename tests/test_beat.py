@@ -258,3 +258,25 @@ def test_retention_prunes_by_age_count_and_queue(app: TaskPG, db: psycopg.Connec
         "chatty:succeeded": 4,
         "default:available": 1,
     }
+
+
+def test_maintenance_vacuums_the_jobs_table_when_autovacuum_does_not(app: TaskPG, db: psycopg.Connection) -> None:
+    from taskpg.beat import Beat
+    from taskpg.retention import autovacuum_active
+
+    server_on = db.execute("SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool")
+    assert autovacuum_active(app.db) == server_on.fetchone()[0]  # type: ignore[index]
+    # Turned off on the table itself: never active, whatever the server says.
+    db.execute(f'ALTER TABLE "{app.schema}".jobs SET (autovacuum_enabled = false)')
+    assert autovacuum_active(app.db) is False
+    db.execute(
+        f'INSERT INTO "{app.schema}".jobs (id, task, queue, state, finished_at) '
+        "SELECT gen_random_uuid(), 't', 'default', 'succeeded', now() - interval '2 days' FROM generate_series(1, 500)"
+    )
+    Beat(app, leader_election=False).maintain()  # prunes the 500 rows, then vacuums
+    stats = db.execute(
+        "SELECT last_vacuum IS NOT NULL, last_analyze IS NOT NULL, n_live_tup FROM pg_stat_user_tables "
+        "WHERE schemaname = %s AND relname = 'jobs'",
+        (app.schema,),
+    ).fetchone()
+    assert stats == (True, True, 0)
