@@ -15,10 +15,12 @@ from typing import Any
 from . import targets
 from .pg import server_info
 from .runner import DEFAULT_SCALE, Bench, json_line, run_cases, table
+from .steady import STEADY_WORKLOADS, debounce_supported
 from .workloads import FLOORS, ISSUE_SIZES, WORKLOADS, Workload
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ALL_WORKLOADS = [*WORKLOADS, *STEADY_WORKLOADS]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -40,13 +42,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def select(only: str | None) -> list[Workload]:
     if not only:
-        return list(WORKLOADS)
-    by_id = {w.id.lower(): w for w in WORKLOADS}
+        return list(ALL_WORKLOADS)
+    by_id = {w.id.lower(): w for w in ALL_WORKLOADS}
     wanted = [name.strip().lower() for name in only.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in by_id]
     if unknown:
-        raise SystemExit(f"unknown workload(s) {unknown}; choose from {', '.join(w.id for w in WORKLOADS)}")
-    return [w for w in WORKLOADS if w.id.lower() in wanted]
+        raise SystemExit(f"unknown workload(s) {unknown}; choose from {', '.join(w.id for w in ALL_WORKLOADS)}")
+    return [w for w in ALL_WORKLOADS if w.id.lower() in wanted]
 
 
 def redis_reachable(url: str) -> bool:
@@ -96,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(w.needs_redis for w in workloads) and not redis_reachable(args.redis_url):
         print(f"no Redis at {args.redis_url}: skipping W1b", file=sys.stderr)
         workloads = [w for w in workloads if not w.needs_redis]
+    if any(w.id == "W7" for w in workloads) and not debounce_supported():
+        print("TaskPG has no notify_debounce option: skipping W7's debounced variant", file=sys.stderr)
     server = server_info(args.dsn)
     meta = {"kind": "meta", "machine": machine(), **server, "scale": "smoke" if args.smoke else args.scale}
     meta["sizes"] = {w: bench.size(n, FLOORS.get(w, 0)) for w, n in ISSUE_SIZES.items()}

@@ -62,12 +62,17 @@ def copy_enqueue(dsn: str, schema: str, n: int, batch: int, task: str, channel: 
     with connect(dsn, autocommit=False) as conn:
         started = time.perf_counter()
         for start in range(0, n, batch):
-            with conn.cursor() as cur, cur.copy(statement) as copy:
-                for row in _rows(start, min(batch, n - start), task):
-                    copy.write_row(row)
-            conn.execute("SELECT pg_notify(%s, 'default')", [channel])
-            conn.commit()
+            copy_batch(conn, statement, start, min(batch, n - start), task, channel)
         return time.perf_counter() - started
+
+
+def copy_batch(conn: psycopg.Connection[Any], statement: str, start: int, count: int, task: str, channel: str) -> None:
+    """COPY ``count`` jobs (args ``[start]``...) with ``statement`` (:data:`COPY` rendered), NOTIFY, commit."""
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        for row in _rows(start, count, task):
+            copy.write_row(row)
+    conn.execute("SELECT pg_notify(%s, 'default')", [channel])
+    conn.commit()
 
 
 def insert_latencies(dsn: str, schema: str, n: int, task: str, channel: str, in_transaction: bool) -> list[float]:

@@ -49,6 +49,7 @@ class Measurement:
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # shown after the run's mark in the progress line, e.g. "bloat 1.9x"
 
     @property
     def jobs_per_s(self) -> float:
@@ -71,6 +72,7 @@ class Case:
     batch: int | None = None
     baseline: str | None = None  # id of the raw case this one is a ratio of
     latency: bool = False  # the ratio compares p50 latencies instead of throughput
+    once: bool = False  # a long steady-state run (W6): one run, no warm-up, whatever --runs says
 
 
 @dataclass
@@ -129,6 +131,8 @@ class Progress:
             text = f" {mark}p50 {p50:.2f} ms"
         else:
             text = f" {mark}{_rate(measurement.jobs_per_s)}/s"
+        if measurement.note:
+            text += f" ({measurement.note})"
         self.stream.write(text + " |")
         self.stream.flush()
 
@@ -140,11 +144,12 @@ class Progress:
 def run_case(bench: Bench, case: Case, progress: Progress) -> Result:
     """Warm-ups then measured runs, each on a fresh schema; an exception ends the case as failed."""
     measured: list[Measurement] = []
+    warmups, runs = (0, 1) if case.once else (bench.warmups, bench.runs)
     try:
-        for index in range(bench.warmups + bench.runs):
+        for index in range(warmups + runs):
             with fresh_schema(bench.dsn) as schema:
                 measurement = case.measure(bench, schema)
-            warmup = index < bench.warmups
+            warmup = index < warmups
             progress.run(measurement, warmup)
             if not warmup:
                 measured.append(measurement)

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 
 from .runner import Result
-from .workloads import NOT_IMPLEMENTED, W1_BATCHES
+from .steady import BLOAT_TARGET, DEBOUNCE_TARGET, PRUNE_KEEP, RECOVERED
+from .workloads import W1_BATCHES
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,8 @@ class Target:
 def evaluate(results: list[Result]) -> list[Target]:
     found = {r.case.id: r for r in results if r.ok}
     targets: list[Target] = []
-    for check in (_w1, _w1b, _w2, _w3, _w3b, _w4, _w5):
+    for check in (_w1, _w1b, _w2, _w3, _w3b, _w4, _w5, _w6, _w7):
         targets += check(found)
-    targets += [Target(w, what, "not implemented", None) for w, what in NOT_IMPLEMENTED.items()]
     return targets
 
 
@@ -130,6 +130,50 @@ def _w5(found: dict[str, Result]) -> list[Target]:
     finish_ok = "jobs_pkey" in finish and "jobs_running_idx" not in finish and "seq scan" not in finish
     targets.append(Target("W5", "(extra) after ANALYZE the finish looks jobs up by jobs_pkey", finish, finish_ok))
     return targets
+
+
+def _bloat(r: Result) -> str:
+    e = r.extra()
+    return (
+        f"{e['bloat']}x: {e['total_mb']} MB (heap {e['heap_mb']}, indexes {e['indexes_mb']}) vs {e['live_mb']} MB"
+        f" of {e['live_rows']:,} live rows repacked; autovacuum={e['autovacuum']}"
+    )
+
+
+def _w6(found: dict[str, Result]) -> list[Target]:
+    targets = []
+    r, raw, pruned = found.get("W6/taskpg"), found.get("W6/raw"), found.get("W6/pruned")
+    goal = f"heap + indexes <= {BLOAT_TARGET:g}x live data after a steady 5k jobs/s"
+    if r is not None:
+        measured = _bloat(r) + (f"; raw cycle {raw.extra()['bloat']}x" if raw else "")
+        targets.append(Target("W6", goal, measured, r.extra()["bloat"] <= BLOAT_TARGET))
+    if pruned is not None:
+        measured = f"{_bloat(pruned)}; {pruned.extra()['pruned']:,} pruned"
+        met = pruned.extra()["bloat"] <= BLOAT_TARGET
+        targets.append(Target("W6", f"(extra) {goal}, finished jobs pruned after {PRUNE_KEEP:g} s", measured, met))
+    long_tx = found.get("W6/longtx")
+    if long_tx is not None:
+        e = long_tx.extra()
+        measured = (
+            f"before {e['before_jobs_per_s']:,} jobs/s, during {e['during_jobs_per_s']:,} ({e['long_tx_s']} s),"
+            f" after {e['after_jobs_per_s']:,} = {e['after_vs_before']:.0%}; lag p99 ms before/during/after"
+            f" {e['before_lag_ms'][1]}/{e['during_lag_ms'][1]}/{e['after_lag_ms'][1]}"
+        )
+        goal = f"throughput recovers after a long transaction (after >= {RECOVERED:.0%} of before)"
+        targets.append(Target("W6", goal, measured, bool(e["recovered"])))
+    return targets
+
+
+def _w7(found: dict[str, Result]) -> list[Target]:
+    per_tx, debounced = found.get("W7/taskpg/notify"), found.get("W7/taskpg/debounced")
+    if per_tx is None:
+        return []
+    goal = f"8 clients: debounced NOTIFY >= {DEBOUNCE_TARGET:g}x NOTIFY per transaction"
+    if debounced is None:
+        return [Target("W7", goal, f"per transaction {_rate(per_tx)}; debounced skipped (no notify_debounce)", None)]
+    speedup = debounced.jobs_per_s / per_tx.jobs_per_s
+    measured = f"debounced {_rate(debounced)} vs per transaction {_rate(per_tx)} = {speedup:.2f}x"
+    return [Target("W7", goal, measured, speedup >= DEBOUNCE_TARGET)]
 
 
 def table(targets: list[Target]) -> str:

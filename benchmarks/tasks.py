@@ -7,6 +7,7 @@ an app per schema with :func:`make_app`. Task names are fixed, so rows seeded by
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from taskpg import TaskPG
 
@@ -23,9 +24,10 @@ async def async_noop(*args: object, **kwargs: object) -> None:
     """Does nothing, as a coroutine (for the async pool)."""
 
 
-def make_app(dsn: str, schema: str, redis_url: str | None = None) -> TaskPG:
-    """An app on ``schema`` with the no-op tasks registered (default task options)."""
-    app = TaskPG(dsn, schema=schema, redis_url=redis_url)
+def make_app(dsn: str, schema: str, redis_url: str | None = None, **options: Any) -> TaskPG:
+    """An app on ``schema`` with the no-op tasks registered (default task options; ``options`` go
+    to :class:`TaskPG`)."""
+    app = TaskPG(dsn, schema=schema, redis_url=redis_url, **options)
     app.task(name=NOOP)(noop)
     app.task(name=ASYNC_NOOP)(async_noop)
     return app

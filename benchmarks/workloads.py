@@ -1,4 +1,5 @@
 """The workloads of issue 7 (W1-W5), each a list of cases: the raw baseline and taskpg's variants.
+(W6 and W7 are in ``steady``, which reuses the helpers below.)
 
 Sizes are the issue's multiplied by ``--scale`` (see :meth:`Bench.size`). Every measure function
 gets a freshly migrated schema, runs once and checks the outcome in the database before returning.
@@ -41,9 +42,11 @@ from .workers import POLL_ONLY_SUPPORTED, InProcessWorker, PollOnlyWorker, Worke
 ISSUE_SIZES = {
     **{"W1": 1_000_000, "W1b": 1_000_000, "W2": 10_000, "W3": 200_000, "W3b": 200_000, "W4": 1_000},
     "W5": 1_000_000,  # ready jobs, plus as many scheduled and as many finished rows
+    "W6": 1_000_000,  # enqueued at a steady 5k jobs/s (benchmarks/steady.py)
+    "W7": 40_000,  # single .delay() calls from 8 client processes (the issue sets no count)
 }
-#: Latency workloads keep enough samples for a p99 when scaled down (not in --smoke).
-FLOORS = {"W2": 2_000, "W4": 300}
+#: Latency workloads keep enough samples for a p99 when scaled down, W7 a few seconds (not in --smoke).
+FLOORS = {"W2": 2_000, "W4": 300, "W7": 4_000}
 W1_BATCHES = (1_000, 10_000, 100_000)
 PUSH_BATCH = 10_000  # W1b: envelopes per delay_many(via="buffer") call
 FLUSH_BATCH = 50_000  # W1b: the flusher's default batch size (its raw baseline COPYs as many per transaction)
@@ -72,18 +75,28 @@ def _case(
     batch: int | None = None,
     baseline: str | None = None,
     latency: bool = False,
+    once: bool = False,
     **options: Any,
 ) -> Case:
     """A case whose measure function gets ``options`` as keyword arguments."""
     workload = case_id.split("/")[0]
     return Case(
-        case_id, workload, variant, jobs, functools.partial(measure, **options), concurrency, batch, baseline, latency
+        case_id,
+        workload,
+        variant,
+        jobs,
+        functools.partial(measure, **options),
+        concurrency,
+        batch,
+        baseline,
+        latency,
+        once,
     )
 
 
-def _app(bench: Bench, schema: str, redis: bool = False) -> TaskPG:
+def _app(bench: Bench, schema: str, redis: bool = False, **options: Any) -> TaskPG:
     """An app on the run's schema, its schema check and first pooled connection done (not timed)."""
-    app = make_app(bench.dsn, schema, bench.redis_url if redis else None)
+    app = make_app(bench.dsn, schema, bench.redis_url if redis else None, **options)
     with app.db.connection():
         pass
     return app
@@ -515,7 +528,3 @@ WORKLOADS = [
     Workload("W4", "enqueue -> start latency, idle worker, jobs 10 ms apart", w4_cases),
     Workload("W5", "drain with a backlog of scheduled + finished rows, EXPLAIN check", w5_cases),
 ]
-NOT_IMPLEMENTED = {
-    "W6": "bloat at a steady 5k jobs/s",
-    "W7": "enqueue at 8 clients, NOTIFY per transaction vs debounced",
-}

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = {"W1", "W1b", "W2", "W3", "W3b", "W4", "W5"}
+WORKLOADS = {"W1", "W1b", "W2", "W3", "W3b", "W4", "W5", "W6", "W7"}
 FIELDS = {"workload", "variant", "concurrency", "batch", "jobs", "seconds", "jobs_per_s", "p50_ms", "p99_ms", "ratio"}
 
 
@@ -35,5 +35,11 @@ def test_benchmark_smoke_run(pg_dsn: str, redis_url: str, tmp_path: Path) -> Non
     assert buffer["extra"]["lost"] == 0 and buffer["extra"]["duplicated"] == 0
     plans = next(r for r in results if r["workload"] == "W5" and r["ratio_of"])
     assert set(plans["extra"]) >= {"claim_no_stats_drained", "claim", "finish", "claim_generic"}
+    bloat = [r for r in results if r["workload"] == "W6"]
+    assert all(r["extra"]["bloat"] > 0 and r["extra"]["autovacuum"] in ("on", "off") for r in bloat)
+    long_tx = next(r for r in bloat if r["variant"].endswith("long transaction"))
+    assert {"before_jobs_per_s", "during_jobs_per_s", "after_jobs_per_s", "recovered"} <= set(long_tx["extra"])
+    notify = {r["variant"]: r["extra"]["notifications"] for r in results if r["workload"] == "W7"}
+    assert notify["raw INSERT, no NOTIFY, autocommit"] == 0 and notify["raw INSERT + pg_notify, autocommit"] > 0
     assert any(r["kind"] == "target" for r in records)
     assert "| workload |" in proc.stdout  # the table
