@@ -488,10 +488,7 @@ def statement_plans(dsn: str, schema: str) -> dict[str, str]:
     """
     q = Queries(schema)
     ids = [str(uuid.uuid4()) for _ in range(16)]
-    finish = {
-        "outcomes": json.dumps([{"id": i, "lease": i, "state": "succeeded"} for i in ids]),
-        **{"done_channel": q.done_channel, "jobs_channel": q.jobs_channel},
-    }
+    finish = {"outcomes": json.dumps([{"id": i, "lease": i, "state": "succeeded"} for i in ids])}
     generic = q.claim_jobs.replace("%(queues)s", "$1").replace("%(limit)s", "$2").replace("%(worker_id)s", "$3")
     with connect(dsn) as conn:
         conn.execute(render("ANALYZE {jobs}", schema))

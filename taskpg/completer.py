@@ -25,6 +25,9 @@ from .task import Task
 
 logger = logging.getLogger("taskpg.worker")
 
+#: Finished ids per done-channel notification: 200 UUIDs stay under NOTIFY's 8000-byte payload limit.
+ANNOUNCE_CHUNK = 200
+
 
 class Completer:
     """Batches outcomes and writes them with ``FINISH_JOBS``."""
@@ -126,12 +129,12 @@ class Completer:
 def write(
     db: Database, conn: psycopg.Connection[Any], batch: list[Outcome], tasks: Mapping[str, Task[Any, Any]]
 ) -> list[str]:
-    """Write a batch of outcomes in one transaction; returns the ids that changed (lease still held)."""
+    """Write a batch of outcomes in one transaction, then announce it; returns the ids that changed
+    (lease still held)."""
     q = db.queries
-    params = {"outcomes": outcomes_json(batch), "done_channel": q.done_channel, "jobs_channel": q.jobs_channel}
     with conn.transaction():
-        row = conn.execute(q.finish_jobs, params).fetchone()
-        changed: list[str] = list(row[1] or []) if row else []
+        row = conn.execute(q.finish_jobs, {"outcomes": outcomes_json(batch)}).fetchone()
+        changed, finished, woken = row if row else ([], [], [])
         if len(changed) < len(batch):
             logger.warning(
                 "%d outcome(s) dropped: their lease was lost (job rescued or finished elsewhere)",
@@ -141,7 +144,23 @@ def write(
         for outcome in batch:
             if outcome.state == "dead" and outcome.job.id in changed_ids:
                 route_dead_letter(db, conn, outcome.job.id, tasks)
-    return changed
+    if finished or woken:
+        announce(db, conn, finished, woken)
+    return list(changed)
+
+
+def announce(db: Database, conn: psycopg.Connection[Any], finished: list[str], queues: list[str]) -> None:
+    """Tell ``get()`` waiters about finished jobs and wake the workers of ``queues``, after the commit.
+
+    A lost notification costs a waiter at most its safety re-check; it never loses a job.
+    """
+    q = db.queries
+    payloads = [",".join(finished[start : start + ANNOUNCE_CHUNK]) for start in range(0, len(finished), ANNOUNCE_CHUNK)]
+    params = {"payloads": payloads, "queues": queues, "done_channel": q.done_channel, "jobs_channel": q.jobs_channel}
+    try:
+        conn.execute(q.announce, params)
+    except psycopg.Error as exc:
+        logger.warning("could not announce %d finished job(s): %s", len(finished), exc)
 
 
 def outcomes_json(batch: list[Outcome]) -> str:

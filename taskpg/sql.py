@@ -180,8 +180,10 @@ RETURNING j.id::text, j.task, j.queue, j.priority, j.run_at, j.args::text, j.kwa
 # (for retry/snooze), a result or an error to append, whether to refund the attempt (snooze,
 # rate-limit deferral, hand-back) and whether it counts as a snooze. Only rows still 'running'
 # under the same lease change: a late write from a worker that lost its lease is a no-op.
-# Finished ids are announced on the done channel for AsyncResult.get(), in chunks that stay under
-# NOTIFY's 8000-byte payload limit.
+# Returns the ids written, the finished ones (for AsyncResult.get()) and the queues that got a job
+# back as available; ANNOUNCE tells about them after the commit. No NOTIFY in this transaction: a
+# notifying transaction takes a cluster-wide lock at commit and holds it through its WAL flush, so
+# concurrent notifying commits (other workers' finishes, enqueues) would run one at a time.
 FINISH_JOBS = """
 WITH outcome AS (
     -- One JSON array element per outcome (completer.outcomes_json): a JSON text is much cheaper to
@@ -211,16 +213,22 @@ WITH outcome AS (
     WHERE j.id = ANY (ARRAY(SELECT id FROM outcome)) AND j.id = o.id
       AND (j.state = 'running') IS TRUE AND j.lease = o.lease
     RETURNING j.id, j.state, j.queue
-), announced AS (
-    SELECT pg_notify(%(done_channel)s, string_agg(id::text, ',')) AS n
-    FROM (SELECT id, (row_number() OVER ()) / 200 AS chunk FROM finished
-          WHERE state IN ('succeeded', 'dead')) AS chunks
-    GROUP BY chunk
-), woken AS (
-    SELECT pg_notify(%(jobs_channel)s, queue) AS n
-    FROM (SELECT DISTINCT queue FROM finished WHERE state = 'available') AS q
 )
-SELECT (SELECT count(*) FROM announced) + (SELECT count(*) FROM woken), array_agg(id::text) FROM finished
+SELECT coalesce(array_agg(id::text), '{{}}'),
+       coalesce(array_agg(id::text) FILTER (WHERE state IN ('succeeded', 'dead')), '{{}}'),
+       coalesce(array_agg(DISTINCT queue) FILTER (WHERE state = 'available'), '{{}}')
+FROM finished
+"""
+
+# After a commit: announce finished ids on the done channel (payloads of at most 200 ids, under
+# NOTIFY's 8000-byte limit) and wake queues. Run on its own (autocommit) with synchronous_commit off
+# for this one transaction: a notification is not durable anyway, so its commit need not wait for
+# the WAL flush while it holds the notify lock.
+ANNOUNCE = """
+WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+SELECT (SELECT count(pg_notify(%(done_channel)s, payload)) FROM unnest(%(payloads)s::text[]) AS payload)
+     + (SELECT count(pg_notify(%(jobs_channel)s, queue)) FROM unnest(%(queues)s::text[]) AS queue)
+FROM relaxed
 """
 
 # Move scheduled jobs whose time has come to 'available' and wake their queues. SKIP LOCKED
@@ -476,6 +484,7 @@ class Queries:
         self.schema_version = self._render(SCHEMA_VERSION)
         self.claim_jobs = self._render(CLAIM_JOBS)
         self.finish_jobs = self._render(FINISH_JOBS)
+        self.announce = self._render(ANNOUNCE)
         self.promote_due = self._render(PROMOTE_DUE)
         self.next_due_in = self._render(NEXT_DUE_IN)
         self.heartbeat = self._render(HEARTBEAT)

@@ -43,11 +43,7 @@ def test_stager_and_finish_use_their_indexes(app: TaskPG, db: psycopg.Connection
     finish = plan(
         db,
         q.finish_jobs,
-        {
-            "outcomes": json.dumps([{"id": i, "lease": i, "state": "succeeded"} for i in ids]),
-            "done_channel": q.done_channel,
-            "jobs_channel": q.jobs_channel,
-        },
+        {"outcomes": json.dumps([{"id": i, "lease": i, "state": "succeeded"} for i in ids])},
     )
     # One primary-key lookup per outcome, never a walk over every running job or the table.
     assert "jobs_pkey" in finish and "jobs_running_idx" not in finish and '"Node Type": "Seq Scan"' not in finish
