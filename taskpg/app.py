@@ -14,8 +14,10 @@ from . import codec, embedded, migrate
 from .broker import Database
 from .buffer import BufferProducer
 from .dsn import configured_dsn
+from .enqueue import Announce
 from .exceptions import ConfigurationError, NotRegistered
 from .limits import QueueOptions, check_key_templates
+from .notifier import Notifier
 from .options import VIA_CHOICES, TaskOptions, validate_queue_name, validate_task_name
 from .periodic import Schedule
 from .result import AsyncResult
@@ -42,7 +44,9 @@ class TaskPG:
     Postgres is started under ``data_dir`` (and migrated automatically). ``schema`` is the
     Postgres schema holding taskpg's tables (default ``taskpg``, or TASKPG_SCHEMA).
     ``redis_url`` (or TASKPG_REDIS_URL) enables the Redis spike buffer; ``default_via="buffer"``
-    sends every enqueue through it unless a task or a call says otherwise.
+    sends every enqueue through it unless a task or a call says otherwise. ``notify_debounce``
+    (seconds, or TASKPG_NOTIFY_DEBOUNCE) moves the NOTIFY of enqueues on the app's own connections
+    out of their transactions, at most one per queue per window (see docs/enqueueing.md).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class TaskPG:
         data_dir: str | Path | None = None,
         redis_url: str | None = None,
         default_via: str = "db",
+        notify_debounce: float | None = None,
     ) -> None:
         self.schema = validate_schema_name(schema or os.environ.get("TASKPG_SCHEMA") or DEFAULT_SCHEMA)
         self.default_queue = validate_queue_name(default_queue, "default_queue")
@@ -72,6 +77,8 @@ class TaskPG:
         if default_via == "buffer" and self.redis_url is None:
             raise ConfigurationError("default_via='buffer' needs redis_url= (or TASKPG_REDIS_URL)")
         self.default_via = default_via
+        self.notify_debounce = _debounce(notify_debounce)
+        self._notifier: Notifier | None = None
         self._buffer: BufferProducer | None = None
         self.tasks = TaskRegistry()
         self._periodic: list[Schedule] = []
@@ -130,12 +137,30 @@ class TaskPG:
                     self._buffer = BufferProducer(self, self.redis_url)
         return self._buffer
 
+    @property
+    def announce(self) -> Announce | None:
+        """With ``notify_debounce``: the function that announces a queue's new jobs after their
+        commit (one background notifier per app); None when enqueues NOTIFY in their transaction."""
+        if self.notify_debounce is None:
+            return None
+        if self._notifier is None:
+            db = self.db
+            with self._lock:
+                if self._notifier is None:
+                    self._notifier = Notifier(
+                        db.dsn, db.queries.notify_queues, db.queries.jobs_channel, self.notify_debounce
+                    )
+        return self._notifier.announce
+
     def migrate(self, revision: str = "head") -> None:
         """Apply the Alembic migrations to this app's schema (what ``taskpg migrate`` does)."""
         migrate.upgrade(self.dsn, self.schema, revision)
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Send pending debounced NOTIFYs, then close the connection pool."""
+        if self._notifier is not None:
+            self._notifier.close()
+            self._notifier = None
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -249,3 +274,18 @@ class TaskPG:
     def AsyncResult(self, id: str) -> AsyncResult:
         """A handle for an existing job id."""
         return AsyncResult(self, str(id))
+
+
+def _debounce(value: float | None) -> float | None:
+    """``notify_debounce``: the argument, else TASKPG_NOTIFY_DEBOUNCE; a number of seconds >= 0."""
+    if value is None:
+        text = os.environ.get("TASKPG_NOTIFY_DEBOUNCE", "").strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigurationError(f"TASKPG_NOTIFY_DEBOUNCE={text!r}: expected a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60:
+        raise ConfigurationError(f"notify_debounce={value!r}: expected a number of seconds from 0 to 60, or None")
+    return float(value)

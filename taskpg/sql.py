@@ -22,9 +22,13 @@ from .schema import validate_schema_name
 # One job. run_at comes from the database clock (eta, or now + countdown) so client clock skew
 # does not matter; a job due now is 'available', a later one 'scheduled'. pg_notify wakes
 # workers of the queue; Postgres folds identical notifications of one transaction into one,
-# so a transaction that enqueues many jobs of a queue sends one NOTIFY. ON CONFLICT DO NOTHING
+# so a transaction that enqueues many jobs of a queue sends one NOTIFY. A transaction that
+# notifies takes a database-wide lock at commit (concurrent notifying commits run one at a time),
+# so with notify_debounce the app passes notify = false and announces after its commit instead
+# (notifier.py); FILTER keeps pg_notify from being called at all then. ON CONFLICT DO NOTHING
 # makes a repeated insert of the same id a no-op (a retry whose first reply was lost), and lets a
-# unique job defer to the unfinished job that holds its unique_key. Returns how many were inserted.
+# unique job defer to the unfinished job that holds its unique_key. Returns how many were
+# inserted, and how many of them are due now.
 INSERT_JOB = """
 WITH due AS (
     SELECT GREATEST(COALESCE(%(eta)s::timestamptz, clock_timestamp() + %(countdown)s * interval '1 second'),
@@ -38,8 +42,9 @@ WITH due AS (
     ON CONFLICT DO NOTHING
     RETURNING state, queue
 )
-SELECT (SELECT count(*) FROM inserted),
-       (SELECT count(pg_notify(%(channel)s, queue)) FROM inserted WHERE state = 'available')
+SELECT count(*), count(*) FILTER (WHERE state = 'available'),
+       count(pg_notify(%(channel)s, queue)) FILTER (WHERE state = 'available' AND %(notify)s)
+FROM inserted
 """
 
 # The unfinished job holding a unique key.
@@ -84,8 +89,12 @@ WHERE task = %(task)s AND key = %(key)s
   AND window_start = to_timestamp(floor(extract(epoch FROM clock_timestamp()) / %(period)s) * %(period)s)
 """
 
-# Bulk path: COPY rows straight into the jobs table (columns left out take their defaults).
-COPY_JOBS = "COPY {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at) FROM STDIN"
+# Bulk path (delay_many): COPY rows straight into the jobs table (columns left out take their
+# defaults). The columns that differ per row come first; the others are the same for the whole
+# batch. A batch due now on the app's own connection leaves run_at out: its default, now(), is the
+# start of the batch's own transaction.
+COPY_JOBS = "COPY {jobs} (id, args, kwargs, task, queue, priority, max_attempts, state, run_at) FROM STDIN"
+COPY_JOBS_DUE_NOW = "COPY {jobs} (id, args, kwargs, task, queue, priority, max_attempts, state) FROM STDIN"
 
 # Dead-letter routing: a copy of a dead job, error history included, as a new job in another queue.
 COPY_TO_QUEUE = """
@@ -473,6 +482,7 @@ class Queries:
         self.throttle_admit = self._render(THROTTLE_ADMIT)
         self.throttle_rejected = self._render(THROTTLE_REJECTED)
         self.copy_jobs = self._render(COPY_JOBS)
+        self.copy_jobs_due_now = self._render(COPY_JOBS_DUE_NOW)
         self.copy_to_queue = self._render(COPY_TO_QUEUE)
         self.create_staging = self._render(CREATE_STAGING)
         self.copy_staging = self._render(COPY_STAGING)

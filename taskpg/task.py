@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from . import codec
 from .broker import caller_connection
-from .enqueue import Guard, NewJob, copy_jobs, insert_job, insert_jobs
-from .exceptions import ConfigurationError, Retry, Snooze
-from .job import new_job_id
+from .enqueue import Guard, JobBatch, NewJob, Row, copy_batch, insert_job, insert_jobs
+from .exceptions import ConfigurationError, Retry, SerializationError, Snooze
+from .job import job_id_sequence, new_job_id
 from .limits import Throttle, render_key, unique_key_for
 from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
 from .result import AsyncResult
 
 if TYPE_CHECKING:
+    import psycopg
+
     from .app import TaskPG
 
 P = ParamSpec("P")
@@ -117,7 +119,7 @@ class Task(Generic[P, R]):
         if self._through_buffer(via, session, connection, guard):
             holder: str | None = self.app.buffer.push(job, _unique_key(job, guard), self.options.unique_for, guard)
         else:
-            holder = insert_job(self.app.db, job, caller_connection(session, connection), guard)
+            holder = insert_job(self.app.db, job, caller_connection(session, connection), guard, self.app.announce)
         if holder is None:
             return AsyncResult(self.app, job.id, self.name, throttled=True)
         return AsyncResult(self.app, holder, self.name)
@@ -153,25 +155,25 @@ class Task(Generic[P, R]):
         or a unique key are written row by row in one transaction instead of by COPY: the id of a
         call that collided is the existing job's, and None marks a call a throttle turned away.
         """
+        target = caller_connection(session, connection)
+        guarded = self.options.throttle is not None or self.options.unique_key is not None
+        if not guarded and not self._through_buffer(via, session, connection, None):
+            return self._copy_many(calls, countdown, eta, queue, priority, target)
+
         ids: list[str | None] = []
         guards: list[Guard | None] = []
 
         def jobs() -> Iterator[NewJob]:
-            for call in calls:
-                if isinstance(call, Mapping):
-                    job, guard = self._prepare((), call, countdown, eta, queue, priority)
-                elif isinstance(call, (tuple, list)):
-                    job, guard = self._prepare(call, {}, countdown, eta, queue, priority)
-                else:
-                    raise ConfigurationError(
-                        f"delay_many items are argument tuples or keyword dicts; got {type(call).__name__}"
-                    )
+            for index, call in enumerate(calls):
+                args, kwargs = _split_call(index, call)
+                try:
+                    job, guard = self._prepare(args, kwargs, countdown, eta, queue, priority)
+                except SerializationError as exc:
+                    raise _item_error(index, exc) from exc
                 ids.append(job.id)
                 guards.append(guard)
                 yield job
 
-        target = caller_connection(session, connection)
-        guarded = self.options.throttle is not None or self.options.unique_key is not None
         if self._through_buffer(via, session, connection, self._sample_guard()):
             if guarded:
                 batch = list(jobs())
@@ -181,12 +183,59 @@ class Task(Generic[P, R]):
                     for j, g in zip(batch, guards, strict=True)
                 ]
             self.app.buffer.push_many(jobs())
-        elif guarded:
-            batch = list(jobs())
-            return insert_jobs(self.app.db, batch, guards, target)
-        else:
-            copy_jobs(self.app.db, jobs(), target)
+            return ids
+        return insert_jobs(self.app.db, list(jobs()), guards, target, self.app.announce)
+
+    def _copy_many(
+        self,
+        calls: Iterable[Sequence[Any] | Mapping[str, Any]],
+        countdown: float | None,
+        eta: dt.datetime | None,
+        queue: str | None,
+        priority: int | None,
+        target: psycopg.Connection[Any] | None,
+    ) -> list[str | None]:
+        """delay_many's fast path (no throttle, no unique key, straight to Postgres): the options are
+        checked once for the batch, ids are made in bulk, and rows stream into one COPY."""
+        _check_timing(countdown, eta)
+        ids: list[str | None] = []
+        batch = JobBatch(
+            task=self.name,
+            queue=self._queue(queue),
+            priority=self._priority(priority),
+            max_attempts=self.options.max_attempts,
+            rows=self._rows(calls, ids),
+            eta=eta,
+            countdown=float(countdown or 0.0),
+        )
+        copy_batch(self.app.db, batch, target, self.app.announce)
         return ids
+
+    def _rows(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]], ids: list[str | None]) -> Iterator[Row]:
+        """(id, args JSON, kwargs JSON) per call, recording each id in ``ids`` as it is made."""
+        index = 0
+        try:
+            for index, (call, job_id) in enumerate(zip(calls, job_id_sequence(), strict=False)):
+                args_json, kwargs_json = self._encode(*_split_call(index, call))
+                ids.append(job_id)
+                yield job_id, args_json, kwargs_json
+        except SerializationError as exc:
+            raise _item_error(index, exc) from exc
+
+    def _encode(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, str]:
+        """The JSON of a call's arguments. Positional arguments alone take one encode; anything the
+        quick checks cannot clear (not JSON, maybe a NUL, maybe over the size limit) goes through
+        ``codec.encode_arguments``, which returns the same text or raises the detailed error."""
+        if not kwargs and isinstance(args, (tuple, list)):
+            try:
+                args_json = codec.dumps(args)
+            except (TypeError, ValueError):
+                pass
+            else:
+                # 4 bytes per character at most in UTF-8, plus the 2 of "{}"
+                if len(args_json) * 4 + 2 <= self.app.max_payload_bytes and "\\u0000" not in args_json:
+                    return args_json, "{}"
+        return codec.encode_arguments(self.name, args, kwargs, self.app.max_payload_bytes)
 
     def _sample_guard(self) -> Guard | None:
         """Whether calls of this task carry a throttle (for routing; the key does not matter)."""
@@ -204,22 +253,15 @@ class Task(Generic[P, R]):
         priority: int | None,
     ) -> tuple[NewJob, Guard | None]:
         """The job for one call, with the throttle and unique-key checks it needs at enqueue."""
-        args_json, kwargs_json = codec.encode_arguments(self.name, args, kwargs, self.app.max_payload_bytes)
-        if countdown is not None and (
-            isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not countdown >= 0
-        ):
-            raise ConfigurationError(f"countdown={countdown!r}: expected a number of seconds >= 0")
-        if eta is not None and countdown is not None:
-            raise ConfigurationError("give countdown= or eta=, not both")
-        if eta is not None and eta.tzinfo is None:
-            raise ConfigurationError("eta= must be a timezone-aware datetime")
+        args_json, kwargs_json = self._encode(args, kwargs)
+        _check_timing(countdown, eta)
         job = NewJob(
             id=new_job_id(),
             task=self.name,
-            queue=self.options.queue if queue is None else validate_queue_name(queue),
+            queue=self._queue(queue),
             args=args_json,
             kwargs=kwargs_json,
-            priority=self.options.priority if priority is None else validate_priority(priority),
+            priority=self._priority(priority),
             max_attempts=self.options.max_attempts,
             eta=eta,
             countdown=float(countdown or 0.0),
@@ -236,6 +278,40 @@ class Task(Generic[P, R]):
         if throttle is None and unique is None:
             return job, None
         return job, Guard(self.name, throttle=throttle, unique_for_key=unique, unique_for=options.unique_for)
+
+    def _queue(self, queue: str | None) -> str:
+        return self.options.queue if queue is None else validate_queue_name(queue)
+
+    def _priority(self, priority: int | None) -> int:
+        return self.options.priority if priority is None else validate_priority(priority)
+
+
+def _check_timing(countdown: float | None, eta: dt.datetime | None) -> None:
+    """Reject a negative or non-numeric countdown, a naive eta, or both at once."""
+    if countdown is not None and (
+        isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not countdown >= 0
+    ):
+        raise ConfigurationError(f"countdown={countdown!r}: expected a number of seconds >= 0")
+    if eta is not None and countdown is not None:
+        raise ConfigurationError("give countdown= or eta=, not both")
+    if eta is not None and eta.tzinfo is None:
+        raise ConfigurationError("eta= must be a timezone-aware datetime")
+
+
+def _split_call(index: int, call: Sequence[Any] | Mapping[str, Any]) -> tuple[Sequence[Any], Mapping[str, Any]]:
+    """A delay_many item as (args, kwargs): a tuple or list is positional, a mapping is keywords."""
+    if isinstance(call, (tuple, list)):
+        return call, {}
+    if isinstance(call, Mapping):
+        return (), call
+    raise ConfigurationError(
+        f"delay_many item {index}: items are argument tuples or keyword dicts; got {type(call).__name__}"
+    )
+
+
+def _item_error(index: int, exc: SerializationError) -> SerializationError:
+    """The same error, saying which delay_many item it is about."""
+    return SerializationError(f"delay_many item {index}: {exc}")
 
 
 def _unique_key(job: NewJob, guard: Guard | None) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -137,11 +139,86 @@ def test_delay_many_with_a_bad_item_writes_nothing(app: TaskPG, db: psycopg.Conn
     def item(n: object) -> None:
         return None
 
-    with pytest.raises(SerializationError, match="positional argument 0"):
+    with pytest.raises(SerializationError, match=r"item 2: .*positional argument 0"):
         item.delay_many([(1,), (2,), (object(),), (4,)])
     with pytest.raises(ConfigurationError, match="tuples or keyword dicts"):
         item.delay_many([(1,), 5])  # type: ignore[list-item]
     assert count_jobs(db, app.schema) == 0
+
+
+def test_delay_many_stores_arguments_exactly_and_returns_ids_in_order(app: TaskPG, db: psycopg.Connection) -> None:
+    @app.task(priority=2, max_retries=5)
+    def note(*parts: object, **named: object) -> None:
+        return None
+
+    tricky = ["tab\there", "new\nline", "back\\slash", 'quo"te', "\\N", "ünï 😀", "\u2028", {"k\\": [1.5, None]}]
+    calls: list[Any] = [(text,) for text in tricky] + [{"a": "x\\y"}, (), [1, 2]]
+    ids = note.delay_many(calls)
+    columns = "id::text, args, kwargs, priority, max_attempts, state, run_at <= now()"
+    cur = db.execute(f'SELECT {columns} FROM "{app.schema}".jobs ORDER BY id')
+    rows = cur.fetchall()
+    assert [r[0] for r in rows] == ids  # the returned ids, sorting in call order (claim order within a batch)
+    assert [(r[1], r[2]) for r in rows] == [([t], {}) for t in tricky] + [([], {"a": "x\\y"}), ([], {}), ([1, 2], {})]
+    assert {(r[3], r[4], r[5], r[6]) for r in rows} == {(2, 6, "available", True)}
+    assert {uuid.UUID(i).version for i in ids} == {7}
+
+
+def test_delay_many_bad_item_late_in_a_big_batch_names_it_and_writes_nothing(
+    pg_dsn: str, migrated_schema: str, db: psycopg.Connection
+) -> None:
+    app = TaskPG(pg_dsn, schema=migrated_schema, max_payload_bytes=1000)
+
+    @app.task
+    def item(n: object) -> None:
+        return None
+
+    def calls(bad: object) -> Iterator[tuple[object, ...]]:
+        yield from ((n,) for n in range(5000))  # several COPY chunks have left before the bad item
+        yield (bad,)
+
+    with pytest.raises(SerializationError, match=r"delay_many item 5000: task .*positional argument 0 \(set\)"):
+        item.delay_many(calls({1}))
+    with pytest.raises(SerializationError, match=r"item 5000: .*over the limit of 1000 bytes"):
+        item.delay_many(calls("x" * 2000))
+    with pytest.raises(SerializationError, match=r"item 5000: .*NUL"):
+        item.delay_many(calls("a\x00b"))
+    with pytest.raises(SerializationError, match=r"item 1: .*keyword names must be strings"):
+        item.delay_many([{"n": 1}, {1: 2}])
+    assert count_jobs(db, migrated_schema) == 0
+    assert len(item.delay_many([("x" * 990,), ("é" * 400,)])) == 2  # near the limit: checked exactly, in bytes
+    app.close()
+
+
+def test_delay_many_run_at_in_a_caller_transaction_is_the_enqueue_time(app: TaskPG, pg_dsn: str) -> None:
+    @app.task
+    def item(n: int) -> None:
+        return None
+
+    with psycopg.connect(pg_dsn) as conn:
+        started = conn.execute("SELECT now()").fetchone()
+        time.sleep(0.05)
+        ids = item.delay_many([(1,), (2,)], connection=conn)
+        row = conn.execute(f'SELECT min(run_at), max(state) FROM "{app.schema}".jobs WHERE id = ANY(%s)', (ids,))
+        run_at, state = row.fetchone() or (None, None)
+    assert started is not None and run_at is not None and state == "available"
+    assert run_at - started[0] >= dt.timedelta(seconds=0.04)  # not the transaction's start, as now() would be
+
+
+def test_delay_many_eta_in_the_past_is_available(app: TaskPG, db: psycopg.Connection) -> None:
+    @app.task
+    def item(n: int) -> None:
+        return None
+
+    past = dt.datetime(2020, 1, 2, 3, 4, 5, 600_000, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    ids = item.delay_many([(1,)], eta=past)
+    row = job_row(db, app.schema, ids[0])
+    assert (row["state"], row["run_at"]) == ("available", past)
+    with pytest.raises(ConfigurationError, match="countdown"):
+        item.delay_many([(1,)], countdown=-1)
+    with pytest.raises(ConfigurationError, match="priority"):
+        item.delay_many([(1,)], priority=10**6)
+    assert item.delay_many([]) == []
+    assert count_jobs(db, app.schema) == 1
 
 
 def collect_notifications(
