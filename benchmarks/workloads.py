@@ -21,7 +21,7 @@ import psycopg
 from taskpg import TaskPG
 from taskpg.flusher import Flusher
 from taskpg.sql import Queries
-from taskpg.worker import Worker
+from taskpg.worker import CLAIM_SESSION, Worker
 
 from . import baseline
 from .pg import (
@@ -470,6 +470,7 @@ def _w5_taskpg(bench: Bench, schema: str, n: int) -> Measurement:
         app.close()
     expect_count(bench.dsn, schema, "succeeded", 2 * n)
     with connect(bench.dsn) as conn:  # no statistics, the ready set drained: how the last claims ran
+        conn.execute(CLAIM_SESSION)  # as on the worker's claim connection
         drained = _plan(conn, "EXPLAIN " + Queries(schema).claim_jobs, CLAIM_PARAMS)
     seed_ready(bench.dsn, schema, n, NOOP, "bench_nobody_listens")
     return Measurement(
