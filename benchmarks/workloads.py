@@ -271,6 +271,11 @@ def _raw_drain_case(case_id: str, n: int, backlog: int = 0) -> Case:
     )
 
 
+#: A deeper claim buffer for the tuned W3 variant (``taskpg worker --prefetch``): bigger claims and
+#: finishes cost less per job, which is what no-op jobs are bound by.
+TUNED_PREFETCH = 256
+
+
 def w3_cases(bench: Bench) -> list[Case]:
     n = bench.size(ISSUE_SIZES["W3"])
     raw = "W3/raw"
@@ -290,6 +295,21 @@ def w3_cases(bench: Bench) -> list[Case]:
                 baseline=raw,
             )
         )
+    cases.append(
+        _case(
+            f"W3/threads/c8/prefetch{TUNED_PREFETCH}",
+            f"taskpg threads pool, prefetch {TUNED_PREFETCH} (tuned for tiny jobs)",
+            n,
+            _drain_in_process,
+            n=n,
+            c=8,
+            pool="threads",
+            task=NOOP,
+            prefetch=TUNED_PREFETCH,
+            concurrency=8,
+            baseline=raw,
+        )
+    )
     cases.append(
         _case(
             "W3/async/c8",
@@ -317,11 +337,13 @@ def _drain_raw(bench: Bench, schema: str, n: int, backlog: int) -> Measurement:
     return Measurement(n, seconds)
 
 
-def _drain_in_process(bench: Bench, schema: str, n: int, c: int, pool: str, task: str) -> Measurement:
+def _drain_in_process(
+    bench: Bench, schema: str, n: int, c: int, pool: str, task: str, prefetch: int | None = None
+) -> Measurement:
     """An idle in-process worker; the clock starts at the commit that makes ``n`` jobs ready."""
     app = _app(bench, schema)
     try:
-        with InProcessWorker(app, concurrency=c, pool=pool):
+        with InProcessWorker(app, concurrency=c, pool=pool, prefetch=prefetch):
             started = seed_ready(bench.dsn, schema, n, task, _channel(schema))
             finished = wait_drained(bench.dsn, schema, _drain_timeout(n))
     finally:
