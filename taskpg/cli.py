@@ -228,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("-c", "--concurrency", type=int, default=10, help="jobs run at once (default: 10)")
     worker.add_argument("--pool", choices=["threads", "processes", "async"], default="threads")
     worker.add_argument(
-        "--prefetch", type=int, default=None, help="extra jobs buffered (default: 4 x concurrency; 0 for long jobs)"
+        "--prefetch",
+        type=int,
+        default=None,
+        help="extra jobs buffered (default: 4 x concurrency, deeper for jobs under ~5 ms; 0 for long jobs)",
     )
     worker.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown")
     worker.add_argument("--poll-interval", type=float, default=2.0, help="safety-net poll when idle (s)")

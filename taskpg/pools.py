@@ -37,6 +37,7 @@ logger = logging.getLogger("taskpg.worker")
 
 OutcomeSink = Callable[[Outcome], None]
 CHILD_START_TIMEOUT = 120.0  # seconds a child process may take to import the task modules
+RUN_TIME_WEIGHT = 0.05  # weight of the newest job in the mean run time (about the last 20 jobs)
 
 
 class Pool:
@@ -51,6 +52,7 @@ class Pool:
         self._on_free = on_free
         self._lock = threading.Lock()
         self._in_flight = 0  # buffered + running
+        self.mean_run_time: float | None = None  # seconds per job, recent jobs weighing most
 
     def in_flight(self) -> int:
         with self._lock:
@@ -64,6 +66,8 @@ class Pool:
 
     def _finished(self, outcome: Outcome | None, started: float | None = None) -> None:
         """A job left the pool: report its outcome (None = dropped, e.g. abandoned) and free its slot."""
+        if started is not None:
+            self._time_run(time.monotonic() - started)
         if outcome is not None:
             job = outcome.job
             if started is not None:
@@ -90,6 +94,11 @@ class Pool:
         with self._lock:
             self._in_flight -= 1
         self._on_free()
+
+    def _time_run(self, seconds: float) -> None:
+        """Fold one job's run time into ``mean_run_time`` (an exponentially weighted mean)."""
+        mean = self.mean_run_time
+        self.mean_run_time = seconds if mean is None else mean + RUN_TIME_WEIGHT * (seconds - mean)
 
     def _started(self, call: Call) -> float:
         logger.info("job %s %s attempt %d started", call.job.id, call.job.task, call.job.attempt)

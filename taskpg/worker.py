@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import signal
 import threading
 import time
@@ -41,6 +42,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("taskpg.worker")
 
 PREFETCH_MULTIPLIER = 4  # default buffer: 4 jobs per slot, as Celery's worker_prefetch_multiplier
+#: With the default (automatic) prefetch, very short jobs get a deeper buffer: enough to hold about this
+#: much work per slot, up to AUTO_PREFETCH_MAX jobs. Each claim and each batch of outcomes costs one
+#: statement whatever its size, so tiny jobs are cheaper in bigger batches; longer jobs keep 4 per slot.
+BUFFERED_WORK_SECONDS = 0.02
+AUTO_PREFETCH_MAX = 256
 CAP_RECHECK = 0.05  # seconds between claims while a capped queue is full
 #: Set on the connection that runs the claim and the stager: without fresh statistics the planner
 #: may trade the claim's ordered index walk for a bitmap scan plus a sort of every available job.
@@ -54,7 +60,7 @@ class WorkerSettings:
     queues: list[str] = field(default_factory=lambda: ["default"])
     concurrency: int = 10
     pool: str = "threads"
-    prefetch: int | None = None  # extra jobs buffered beyond `concurrency`; None = 4 x concurrency (Celery's)
+    prefetch: int | None = None  # extra jobs buffered beyond `concurrency`; None = automatic (see prefetch_for)
     max_claim: int = 200  # most jobs claimed by one query
     poll_interval: float = 2.0  # safety net when no NOTIFY arrives
     stage_interval: float = 0.5  # how often due scheduled jobs are promoted
@@ -71,16 +77,26 @@ class WorkerSettings:
         if self.rescue_after <= self.heartbeat_interval * 2:
             raise ValueError("rescue_after must be more than twice the heartbeat interval")
 
-    @property
-    def capacity(self) -> int:
-        """Most jobs held at once: running plus buffered."""
-        return self.concurrency + (PREFETCH_MULTIPLIER * self.concurrency if self.prefetch is None else self.prefetch)
+    def prefetch_for(self, mean_run_time: float | None) -> int:
+        """Jobs buffered beyond ``concurrency``: the ``prefetch`` setting, or automatically 4 per slot
+        (Celery's default), deepened for jobs that take well under ``BUFFERED_WORK_SECONDS`` to about
+        that much work per slot, never more than ``AUTO_PREFETCH_MAX``."""
+        if self.prefetch is not None:
+            return self.prefetch
+        default = PREFETCH_MULTIPLIER * self.concurrency
+        if not mean_run_time:
+            return default
+        wanted = math.ceil(self.concurrency * BUFFERED_WORK_SECONDS / mean_run_time)
+        return max(default, min(wanted, AUTO_PREFETCH_MAX))
 
-    @property
-    def refill_at(self) -> int:
+    def capacity(self, mean_run_time: float | None = None) -> int:
+        """Most jobs held at once: running plus buffered."""
+        return self.concurrency + self.prefetch_for(mean_run_time)
+
+    def refill_at(self, mean_run_time: float | None = None) -> int:
         """Claim again once this many places are free: half the prefetch buffer (one slot when
         prefetch=0), so the runners still have buffered jobs while the next claim is on its way."""
-        return max(1, (self.capacity - self.concurrency) // 2)
+        return max(1, self.prefetch_for(mean_run_time) // 2)
 
 
 class Worker:
@@ -147,12 +163,17 @@ class Worker:
         """Places free for claiming. Back-pressure: once more outcomes wait to be written than the
         worker can hold, the excess takes places too, so slow writes slow claiming down."""
         assert self.pool is not None and self.completer is not None
-        unwritten_excess = max(0, self.completer.pending() - self.settings.capacity)
-        return self.settings.capacity - self.pool.in_flight() - unwritten_excess
+        capacity = self.settings.capacity(self.pool.mean_run_time)
+        unwritten_excess = max(0, self.completer.pending() - capacity)
+        return capacity - self.pool.in_flight() - unwritten_excess
+
+    def _refill_at(self) -> int:
+        assert self.pool is not None
+        return self.settings.refill_at(self.pool.mean_run_time)
 
     def _on_free(self) -> None:
         """A job left the pool or an outcome was written: wake the fetch loop once a claim fits."""
-        if not self._wake.is_set() and self._room() >= self.settings.refill_at:
+        if not self._wake.is_set() and self._room() >= self._refill_at():
             self._wake.set()  # Event.set takes a lock and notifies: only when the loop may sleep
 
     def _wake_for_work(self) -> None:
@@ -214,7 +235,7 @@ class Worker:
             assert self.pool is not None
             room = self._room()  # when outcome writes slow down, claiming slows down too
             # Refill in batches: wait until a batch worth of room is free (one slot when prefetch=0).
-            if room >= s.refill_at and (self._wanted or now - last_claim >= s.poll_interval):
+            if room >= self._refill_at() and (self._wanted or now - last_claim >= s.poll_interval):
                 self._wanted = False  # a NOTIFY arriving during the claim sets it again
                 asked = min(room, s.max_claim)
                 jobs = self._db_call(functools.partial(self._claim, asked))

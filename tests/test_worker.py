@@ -372,3 +372,38 @@ def test_rescue_returns_jobs_of_a_silent_worker(app: TaskPG, run_worker: Any, db
     stored = row(db, app, handle.id)
     assert stored["attempt"] == 2
     assert stored["errors"][0]["type"] == "WorkerLost" and stored["errors"][0]["worker"] == "gone-worker"
+
+
+def test_automatic_prefetch_deepens_only_for_very_short_jobs(app: TaskPG, run_worker: Any) -> None:
+    from taskpg.worker import AUTO_PREFETCH_MAX, PREFETCH_MULTIPLIER, WorkerSettings
+
+    settings = WorkerSettings(concurrency=4)
+    assert settings.prefetch_for(None) == 4 * PREFETCH_MULTIPLIER  # nothing measured yet: Celery's default
+    assert settings.prefetch_for(0.0001) == AUTO_PREFETCH_MAX  # 0.1 ms jobs: as deep as allowed
+    assert settings.prefetch_for(0.002) == 40  # 2 ms jobs: about 20 ms of work per slot
+    assert settings.prefetch_for(0.5) == 4 * PREFETCH_MULTIPLIER  # long jobs: never less than the default
+    assert WorkerSettings(concurrency=4, prefetch=0).prefetch_for(0.0001) == 0  # an explicit setting wins
+
+    done: list[int] = []
+
+    @app.task
+    def tiny(n: int) -> None:
+        done.append(n)
+
+    @app.task
+    def slow(n: int) -> None:
+        time.sleep(0.03)
+        done.append(n)
+
+    tiny.delay_many([(n,) for n in range(600)])
+    with run_worker(app, concurrency=4) as worker:
+        wait_for(lambda: len(done) == 600, timeout=30, message="600 tiny jobs")
+        assert worker.pool is not None and worker.pool.mean_run_time is not None
+        assert worker.settings.capacity(worker.pool.mean_run_time) > 4 + 4 * PREFETCH_MULTIPLIER
+    done.clear()
+    slow.delay_many([(n,) for n in range(12)])
+    with run_worker(app, concurrency=4) as worker:
+        wait_for(lambda: len(done) == 12, timeout=30, message="12 slow jobs")
+        assert worker.pool is not None and worker.pool.mean_run_time is not None
+        assert worker.pool.mean_run_time >= 0.02
+        assert worker.settings.capacity(worker.pool.mean_run_time) == 4 + 4 * PREFETCH_MULTIPLIER
