@@ -141,7 +141,7 @@ def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Task[Any, Any]], m
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 2**31 - 1:
         raise ValueError(_MAX_ATTEMPTS_RANGE)
     priority = data.get("priority")
-    args_json, kwargs_json = _arguments_json(name, args, kwargs)
+    args_json, kwargs_json = codec.encode_arguments(name, args, kwargs, 2**31)
     return NewJob(
         id=job_id,
         task=name,
@@ -161,17 +161,6 @@ def _job_id(value: Any) -> str:
     if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
         return value
     return str(uuid.UUID(str(value)))
-
-
-def _arguments_json(name: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[str, str]:
-    """Args and kwargs as JSON text again. Decoded JSON always encodes, so only the NUL check of
-    ``codec.encode_arguments`` can fail: it runs when the text may hold one."""
-    if not args and not kwargs:
-        return "[]", "{}"
-    args_json, kwargs_json = codec.dumps(args), codec.dumps(kwargs)
-    if "\\u0000" in args_json or "\\u0000" in kwargs_json:
-        return codec.encode_arguments(name, args, kwargs, 2**31)
-    return args_json, kwargs_json
 
 
 def _optional_text(value: Any, name: str) -> str | None:

@@ -223,18 +223,7 @@ class Task(Generic[P, R]):
             raise _item_error(index, exc) from exc
 
     def _encode(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, str]:
-        """The JSON of a call's arguments. Positional arguments alone take one encode; anything the
-        quick checks cannot clear (not JSON, maybe a NUL, maybe over the size limit) goes through
-        ``codec.encode_arguments``, which returns the same text or raises the detailed error."""
-        if not kwargs and isinstance(args, (tuple, list)):
-            try:
-                args_json = codec.dumps(args)
-            except (TypeError, ValueError):
-                pass
-            else:
-                # 4 bytes per character at most in UTF-8, plus the 2 of "{}"
-                if len(args_json) * 4 + 2 <= self.app.max_payload_bytes and "\\u0000" not in args_json:
-                    return args_json, "{}"
+        """The JSON of a call's arguments (or the error naming the bad one)."""
         return codec.encode_arguments(self.name, args, kwargs, self.app.max_payload_bytes)
 
     def _sample_guard(self) -> Guard | None:
