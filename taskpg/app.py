@@ -147,9 +147,7 @@ class TaskPG:
             db = self.db
             with self._lock:
                 if self._notifier is None:
-                    self._notifier = Notifier(
-                        db.dsn, db.queries.notify_queues, db.queries.jobs_channel, self.notify_debounce
-                    )
+                    self._notifier = Notifier(db.dsn, db.queries, self.notify_debounce)
         return self._notifier.announce
 
     def migrate(self, revision: str = "head") -> None:

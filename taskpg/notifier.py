@@ -30,6 +30,7 @@ import psycopg
 
 from .broker import connect
 from .reconnect import reconnecting
+from .sql import Queries
 
 logger = logging.getLogger("taskpg")
 
@@ -48,10 +49,9 @@ class Notifier:
     announcement after ``close()`` starts them again.
     """
 
-    def __init__(self, dsn: str, notify_sql: str, channel: str, window: float) -> None:
+    def __init__(self, dsn: str, queries: Queries, window: float) -> None:
         self.dsn = dsn
-        self.notify_sql = notify_sql
-        self.channel = channel
+        self.queries = queries
         self.window = window
         self.sent = 0  # NOTIFY statements sent, for tests and monitoring
         self._init_state()
@@ -143,13 +143,12 @@ class Notifier:
 
     def _notify(self, queues: list[str]) -> None:
         if self._conn is None:
-            conn = connect(self.dsn, application_name=APPLICATION_NAME)
-            # A NOTIFY assigns its transaction an id, so its commit writes WAL, and it holds the
-            # database-wide notify lock until that commit is flushed. Nothing here needs to survive a
-            # crash (the jobs were committed durably by their enqueuers), so do not wait for the flush.
-            conn.execute("SET synchronous_commit = off")
-            self._conn = conn
-        self._conn.execute(self.notify_sql, {"channel": self.channel, "queues": queues})
+            self._conn = connect(self.dsn, application_name=APPLICATION_NAME)
+        # The statement the worker announces finished jobs with: its commit does not wait for the WAL
+        # flush while it holds the notify lock (the jobs were committed durably by their enqueuers).
+        q = self.queries
+        params = {"payloads": [], "queues": queues, "done_channel": q.done_channel, "jobs_channel": q.jobs_channel}
+        self._conn.execute(q.announce, params)
         self.sent += 1
 
     def _reset(self) -> None:

@@ -230,9 +230,10 @@ FROM finished
 """
 
 # After a commit: announce finished ids on the done channel (payloads of at most 200 ids, under
-# NOTIFY's 8000-byte limit) and wake queues. Run on its own (autocommit) with synchronous_commit off
-# for this one transaction: a notification is not durable anyway, so its commit need not wait for
-# the WAL flush while it holds the notify lock.
+# NOTIFY's 8000-byte limit) and wake queues; used for the worker's finishes and for debounced
+# enqueues (notifier.py). Run on its own (autocommit) with synchronous_commit off for this one
+# transaction: a notification is not durable anyway, so its commit need not wait for the WAL flush
+# while it holds the notify lock.
 ANNOUNCE = """
 WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
 SELECT (SELECT count(pg_notify(%(done_channel)s, payload)) FROM unnest(%(payloads)s::text[]) AS payload)
