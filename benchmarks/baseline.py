@@ -13,12 +13,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from .background import BackgroundLoop
 from .pg import connect, render
 
 COPY = "COPY {jobs} (id, task, queue, args, kwargs, state) FROM STDIN"
@@ -140,37 +140,20 @@ def produce_spaced(dsn: str, schema: str, n: int, interval: float, task: str, ch
             conn.execute(statement, (str(uuid.uuid4()), task, json.dumps([i]), channel))
 
 
-class ListeningConsumer:
+class ListeningConsumer(BackgroundLoop):
     """An idle consumer: LISTEN on one connection; on each notification claim and finish on another
     until nothing is available. ``with ListeningConsumer(...):`` runs it in a thread."""
 
+    name = "raw-listener"
+
     def __init__(self, dsn: str, schema: str, channel: str, batch: int = 16) -> None:
+        super().__init__()
         self.dsn, self.schema, self.channel, self.batch = dsn, schema, channel, batch
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, name="raw-listener", daemon=True)
 
-    def __enter__(self) -> ListeningConsumer:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the raw listener did not start")
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self._errors and kind is None:
-            raise self._errors[0]
-
-    def _run(self) -> None:
-        try:
-            with connect(self.dsn) as listen, connect(self.dsn) as work:
-                listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                self._ready.set()
-                while not self._stop.is_set():
-                    if any(True for _ in listen.notifies(timeout=0.1, stop_after=1)):
-                        _drain_loop(work, self.schema, self.batch)
-        except BaseException as exc:
-            self._errors.append(exc)
-            self._ready.set()
+    def run(self) -> None:
+        with connect(self.dsn) as listen, connect(self.dsn) as work:
+            listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            self.ready.set()
+            while not self.stop.is_set():
+                if any(True for _ in listen.notifies(timeout=0.1, stop_after=1)):
+                    _drain_loop(work, self.schema, self.batch)

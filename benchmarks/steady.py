@@ -26,9 +26,10 @@ import psycopg
 from psycopg import sql
 
 from taskpg import TaskPG
-from taskpg.retention import Retention, prune, vacuum_unless_autovacuum
+from taskpg.beat import Beat
 
 from . import baseline
+from .background import BackgroundLoop
 from .pg import BenchmarkError, connect, expect_count, render, state_counts, wait_drained
 from .runner import Bench, Case, Measurement
 from .tasks import NOOP
@@ -258,7 +259,6 @@ def _w6_taskpg(bench: Bench, schema: str, n: int, keep: float | None = None, lon
     _expect_finished(bench.dsn, schema, n, pruner.deleted)
     measurement = _steady_measurement(bench, schema, n, started, produced, drained)
     measurement.extra["pruned"] = pruner.deleted
-    measurement.extra["vacuums"] = pruner.vacuums
     if held is not None:
         windows = throughput_windows(bench.dsn, schema, *held)
         measurement.extra.update(windows)
@@ -286,41 +286,26 @@ def _expect_finished(dsn: str, schema: str, n: int, pruned: int) -> None:
         raise BenchmarkError(f"expected {n - pruned} succeeded jobs ({pruned} pruned), the database has {counts}")
 
 
-class Pruner:
-    """``with Pruner(app, keep):`` beat's maintenance chore every second in a thread: retention
-    pruning (succeeded jobs kept ``keep`` seconds), then VACUUM (ANALYZE) where autovacuum is off.
-    Does nothing when ``keep`` is None."""
+class Pruner(BackgroundLoop):
+    """``with Pruner(app, keep):`` beat's maintenance chore (``Beat.maintain``: retention pruning, then
+    VACUUM (ANALYZE) where autovacuum is off) every PRUNE_EVERY seconds, succeeded jobs kept ``keep``
+    seconds. Does nothing when ``keep`` is None."""
+
+    name = "bench-pruner"
 
     def __init__(self, app: TaskPG, keep: float | None) -> None:
+        super().__init__()
         self.app, self.keep = app, keep
         self.deleted = 0
-        self.vacuums = 0  # beat's chore also vacuums the table where autovacuum is off
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="bench-pruner", daemon=True)
 
-    def _run(self) -> None:
-        assert self.keep is not None
-        rules: dict[str | None, Retention] = {None: Retention(succeeded=self.keep)}
-        try:
-            while not self._stop.wait(PRUNE_EVERY):
-                self.deleted += prune(self.app.db, rules)
-                self.vacuums += vacuum_unless_autovacuum(self.app.db)
-        except BaseException as exc:
-            self._error = exc
-
-    def __enter__(self) -> Pruner:
-        if self.keep is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def run(self) -> None:
+        self.ready.set()
         if self.keep is None:
             return
-        self._stop.set()
-        self._thread.join(60)
-        if self._error is not None and kind is None:
-            raise self._error
+        self.app.set_retention(succeeded=self.keep)
+        beat = Beat(self.app, leader_election=False, flush_buffer=False)
+        while not self.stop.wait(PRUNE_EVERY):
+            self.deleted += beat.maintain()
 
 
 def _hold_snapshot(dsn: str, load_seconds: float) -> tuple[dt.datetime, dt.datetime]:
@@ -506,34 +491,27 @@ def _raw_client(dsn: str, schema: str, first: int, count: int, notify: bool, go:
         return time.perf_counter()
 
 
-class NotifyCounter:
+class NotifyCounter(BackgroundLoop):
     """``with NotifyCounter(dsn, channel) as counter:`` LISTEN in a thread; ``counter.count`` is
     how many notifications arrived (a worker would be woken that often)."""
 
+    name = "bench-notify-counter"
+
     def __init__(self, dsn: str, channel: str) -> None:
+        super().__init__()
         self.dsn, self.channel = dsn, channel
         self.count = 0
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-notify-counter", daemon=True)
 
-    def _run(self) -> None:
+    def run(self) -> None:
         with connect(self.dsn) as conn:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-            self._ready.set()
-            while not self._stop.is_set():
+            self.ready.set()
+            while not self.stop.is_set():
                 self.count += sum(1 for _ in conn.notifies(timeout=0.1))
-
-    def __enter__(self) -> NotifyCounter:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise BenchmarkError("the NOTIFY counter did not start")
-        return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         time.sleep(0.2)  # the last (debounced) notifications
-        self._stop.set()
-        self._thread.join(10)
+        super().__exit__(kind, exc, tb)
 
 
 STEADY_WORKLOADS = [

@@ -209,13 +209,15 @@ class Beat:
             except Exception:  # the database away, say: the next round tries again
                 logger.exception("maintenance failed; trying again in %s s", self.prune_every)
 
-    def maintain(self) -> None:
-        """One round of chores: prune finished jobs, VACUUM (ANALYZE) the jobs table if autovacuum is off."""
+    def maintain(self) -> int:
+        """One round of chores: prune finished jobs, VACUUM (ANALYZE) the jobs table if autovacuum is
+        off. Returns how many jobs were pruned."""
         deleted = prune(self.app.db, self.app.retention)
         if deleted:
             logger.info("pruned %d finished job(s)", deleted)
         if vacuum_unless_autovacuum(self.app.db):
             logger.info("vacuumed the jobs table (autovacuum does not look after it)")
+        return deleted
 
 
 def describe_schedules(app: TaskPG, now: dt.datetime | None = None) -> list[dict[str, Any]]:
