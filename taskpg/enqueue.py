@@ -230,9 +230,7 @@ def _copy_batch(
     if own_transaction and batch.eta is None and not batch.countdown:
         statement, due, shared = db.queries.copy_jobs_due_now, True, "available"
     else:  # run_at from the database clock, as for a single enqueue (or the eta as given)
-        row = conn.execute(db.queries.db_now).fetchone()
-        assert row is not None
-        now: dt.datetime = row[0]
+        now = _db_now(db, conn)
         run_at = batch.eta or now + dt.timedelta(seconds=batch.countdown)
         due = run_at <= now
         statement, shared = db.queries.copy_jobs, f"{'available' if due else 'scheduled'}\t{run_at.isoformat()}"
@@ -253,6 +251,14 @@ def _copy_batch(
 def _copy_text(json_text: str) -> str:
     """JSON text as a field of COPY's text format (task and queue names never need escaping)."""
     return json_text.replace("\\", "\\\\")
+
+
+def _db_now(db: Database, conn: psycopg.Connection[Any]) -> dt.datetime:
+    """The database clock: run_at of copied jobs comes from it, as for a single enqueue."""
+    row = conn.execute(db.queries.db_now).fetchone()
+    assert row is not None
+    now: dt.datetime = row[0]
+    return now
 
 
 def _notify(db: Database, conn: psycopg.Connection[Any], queue: str) -> None:
@@ -288,9 +294,7 @@ def insert_idempotent(
 def _copy_staging(
     db: Database, jobs: Iterable[NewJob], conn: psycopg.Connection[Any], dead_reasons: dict[str, str]
 ) -> None:
-    row = conn.execute(db.queries.db_now).fetchone()
-    assert row is not None
-    now: dt.datetime = row[0]
+    now = _db_now(db, conn)
     with conn.cursor() as cur, cur.copy(db.queries.copy_staging) as copy:
         for job in jobs:
             run_at = job.eta or now + dt.timedelta(seconds=job.countdown)
