@@ -13,7 +13,7 @@ import os
 from alembic import context
 from sqlalchemy import text
 
-from taskpg.dsn import sqlalchemy_engine
+from taskpg.connections import sqlalchemy_engine
 from taskpg.schema import DEFAULT_SCHEMA, build_metadata, validate_schema_name
 
 config = context.config

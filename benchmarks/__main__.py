@@ -8,15 +8,17 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import targets
 from .pg import server_info
 from .runner import DEFAULT_SCALE, Bench, json_line, run_cases, table
 from .steady import STEADY_WORKLOADS, debounce_supported
 from .workloads import FLOORS, ISSUE_SIZES, WORKLOADS, Workload
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

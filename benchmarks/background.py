@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
-from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .pg import BenchmarkError
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 START_TIMEOUT = 10.0
 Loop = TypeVar("Loop", bound="BackgroundLoop")

@@ -12,14 +12,16 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from .background import BackgroundLoop
 from .pg import connect, render
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 COPY = "COPY {jobs} (id, task, queue, args, kwargs, state) FROM STDIN"
 

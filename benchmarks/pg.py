@@ -10,13 +10,15 @@ import contextlib
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from taskpg import migrate
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 #: Settings worth reporting next to the numbers (when they differ from the built-in default).
 RELEVANT_SETTINGS = (

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import inspect
 import json
 import multiprocessing
@@ -19,8 +18,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -46,6 +44,10 @@ from .workloads import (
     _drain_timeout,
     _spaced,
 )
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from types import TracebackType
 
 #: Children fork from a server that imported this module once (and nothing of the parent's threads).
 _PROCESSES = multiprocessing.get_context("forkserver")

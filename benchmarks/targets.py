@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .runner import Result
 from .steady import BLOAT_TARGET, DEBOUNCE_TARGET, PRUNE_KEEP, RECOVERED
 from .workloads import W1_BATCHES
+
+if TYPE_CHECKING:
+    from .runner import Result
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from taskpg import TaskPG
 from taskpg.worker import Worker, WorkerSettings
 
 from .pg import BenchmarkError, connect, render
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from taskpg import TaskPG
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: `benchmarks.tasks` imports from here
 START_TIMEOUT = 60.0

@@ -12,16 +12,14 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from taskpg import TaskPG
 from taskpg.flusher import Flusher
-from taskpg.sql import Queries
-from taskpg.worker import CLAIM_SESSION, Worker
+from taskpg.sql import CLAIM_SESSION, Queries
+from taskpg.worker import Worker
 
 from . import baseline
 from .pg import (
@@ -37,6 +35,11 @@ from .pg import (
 from .runner import Bench, Case, Measurement
 from .tasks import ASYNC_NOOP, NOOP, make_app
 from .workers import POLL_ONLY_SUPPORTED, InProcessWorker, PollOnlyWorker, WorkerProcesses
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from taskpg import TaskPG
 
 #: Job counts the issue asks for (``--scale 1``).
 ISSUE_SIZES = {
@@ -97,7 +100,8 @@ def _case(
 def _app(bench: Bench, schema: str, redis: bool = False, **options: Any) -> TaskPG:
     """An app on the run's schema, its schema check and first pooled connection done (not timed)."""
     app = make_app(bench.dsn, schema, bench.redis_url if redis else None, **options)
-    with app.db.connection():
+    app.store.check_schema()
+    with app.store.connections.pooled():
         pass
     return app
 

@@ -25,12 +25,15 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
+import psycopg
 from psycopg import sql
 
-from taskpg import TaskPG, ops
-from taskpg.beat import Beat, Fired
-from taskpg.worker import Worker
+from taskpg import Beat, TaskPG, Worker, ops
+
+if TYPE_CHECKING:
+    from taskpg.beat import Fired
 
 DSN = os.environ.get("TASKPG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SCHEMA = os.environ.get("TASKPG_SCHEMA", "taskpg_reports")
@@ -42,7 +45,7 @@ app = TaskPG(DSN, schema=SCHEMA)
 def weekday_report() -> str:
     """A stand-in for a real report: how many jobs the queue holds in each state."""
     totals: Counter[str] = Counter()
-    for states in ops.job_counts(app.db).values():
+    for states in ops.job_counts(app.store).values():
         totals.update(states)
     return "jobs by state: " + ", ".join(f"{state} {count}" for state, count in sorted(totals.items()))
 
@@ -67,7 +70,7 @@ def local(moment: dt.datetime, zone: dt.tzinfo) -> str:
 def forget_earlier_runs() -> None:
     """Delete the ticks and jobs of this example's schedules, so the simulated week fires again."""
     schedules = app.schedules()
-    with app.db.connection() as conn:
+    with psycopg.connect(app.dsn, autocommit=True) as conn:
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE schedule = ANY(%s)").format(sql.Identifier(app.schema, "periodic_ticks")),
             ([s.name for s in schedules],),

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 
-from taskpg import TaskPG
-from taskpg.worker import Worker
+from taskpg import TaskPG, Worker
 
 app = TaskPG(schema=os.environ.get("TASKPG_SCHEMA", "taskpg_quickstart"))
 

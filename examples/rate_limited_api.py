@@ -31,10 +31,10 @@ import threading
 import time
 from collections import defaultdict
 
+import psycopg
 from psycopg import sql
 
-from taskpg import TaskPG
-from taskpg.worker import Worker
+from taskpg import TaskPG, Worker
 
 DSN = os.environ.get("TASKPG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SCHEMA = os.environ.get("TASKPG_SCHEMA", "taskpg_ratelimit")
@@ -83,7 +83,7 @@ def call_api(tenant: str, n: int) -> dict[str, object]:
 
 def forget_earlier_runs() -> None:
     """Delete this example's jobs from an earlier run, so only this run's calls reach the API."""
-    with app.db.connection() as conn:
+    with psycopg.connect(app.dsn, autocommit=True) as conn:
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE task = %s").format(sql.Identifier(app.schema, "jobs")), (call_api.name,)
         )

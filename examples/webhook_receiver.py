@@ -43,9 +43,8 @@ import psycopg
 import redis
 from psycopg import sql
 
-from taskpg import TaskPG
+from taskpg import TaskPG, Worker
 from taskpg.exceptions import SerializationError
-from taskpg.worker import Worker
 
 DSN = os.environ.get("TASKPG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SCHEMA = os.environ.get("TASKPG_SCHEMA", "taskpg_webhooks")

@@ -1,6 +1,7 @@
 """taskpg: a Celery-style task queue on PostgreSQL."""
 
-from .app import TaskPG, TaskRegistry
+from .app import TaskPG
+from .beat import Beat
 from .exceptions import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -19,11 +20,14 @@ from .exceptions import (
     TimeoutError,
 )
 from .job import JobState, Status
+from .periodic import Schedule
 from .result import AsyncResult
-from .task import Request, Task
+from .task import Request, Task, TaskRegistry
+from .worker import Worker, WorkerSettings
 
 __all__ = [
     "AsyncResult",
+    "Beat",
     "ConfigurationError",
     "DatabaseUnavailable",
     "JobState",
@@ -32,6 +36,7 @@ __all__ = [
     "Reject",
     "Request",
     "Retry",
+    "Schedule",
     "SchemaNotReady",
     "SerializationError",
     "Snooze",
@@ -45,5 +50,7 @@ __all__ = [
     "TaskpgError",
     "TimeLimitExceeded",
     "TimeoutError",
+    "Worker",
+    "WorkerSettings",
 ]
 __version__ = "0.1.0"

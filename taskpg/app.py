@@ -8,33 +8,30 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import codec, embedded, migrate
-from .broker import Database
 from .buffer import BufferProducer
+from .connections import Connections
 from .dsn import configured_dsn
-from .enqueue import Announce
-from .exceptions import ConfigurationError, NotRegistered
-from .limits import QueueOptions, check_key_templates
+from .exceptions import ConfigurationError
+from .guards import check_key_templates
+from .limiter import QueueOptions
 from .notifier import Notifier
 from .options import VIA_CHOICES, TaskOptions, validate_queue_name, validate_task_name
-from .periodic import Schedule
+from .periodic import DEFAULT_CATCH_UP, DEFAULT_CATCH_UP_LIMIT, DEFAULT_TIMEZONE, Schedule
+from .rates import parse_rate
 from .result import AsyncResult
 from .retention import Retention
 from .schema import DEFAULT_SCHEMA, validate_schema_name
-from .task import Task
-from .throttle import parse_rate
+from .store import Store
+from .task import Task, TaskRegistry
+
+if TYPE_CHECKING:
+    from .enqueue import Announce
 
 logger = logging.getLogger("taskpg")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class TaskRegistry(dict[str, Task[Any, Any]]):
-    """Task name -> Task. A missing name raises ``NotRegistered``."""
-
-    def __missing__(self, name: str) -> Task[Any, Any]:
-        raise NotRegistered(name)
 
 
 class TaskPG:
@@ -85,7 +82,7 @@ class TaskPG:
         self.queues: dict[str, QueueOptions] = {}
         self.retention: dict[str | None, Retention] = {None: Retention()}
         self._dsn = configured_dsn(dsn)
-        self._db: Database | None = None
+        self._store: Store | None = None
         self._lock = threading.Lock()
 
     # -- where the data lives ----------------------------------------------------------------
@@ -102,22 +99,22 @@ class TaskPG:
         return self._dsn
 
     @property
-    def db(self) -> Database:
-        """The connection pool and statements (created on first use)."""
-        if self._db is None:
+    def store(self) -> Store:
+        """Where statements run: the connection pool and the schema's statements (made on first use)."""
+        if self._store is None:
             dsn = self.dsn
             with self._lock:
-                if self._db is None:
+                if self._store is None:
                     if self.auto_migrate:
                         migrate.upgrade(dsn, self.schema)
-                    self._db = Database(dsn, self.schema, self.pool_size)
-        return self._db
+                    self._store = Store(Connections(dsn, self.pool_size), self.schema)
+        return self._store
 
     def configure(self, dsn: str | None = None, schema: str | None = None, redis_url: str | None = None) -> None:
         """Point the app elsewhere before it is first used (what the CLI's --dsn/--schema do)."""
         if not (dsn or schema or redis_url):
             return
-        if self._db is not None or self._buffer is not None:
+        if self._store is not None or self._buffer is not None:
             raise ConfigurationError("configure() must come before the app's first use of the database or Redis")
         if dsn:
             self._dsn = dsn
@@ -132,9 +129,10 @@ class TaskPG:
         if self._buffer is None:
             if self.redis_url is None:
                 raise ConfigurationError("via='buffer' needs an app with redis_url= (or TASKPG_REDIS_URL)")
+            store = self.store
             with self._lock:
                 if self._buffer is None:
-                    self._buffer = BufferProducer(self, self.redis_url)
+                    self._buffer = BufferProducer(store, self.redis_url)
         return self._buffer
 
     @property
@@ -144,10 +142,10 @@ class TaskPG:
         if self.notify_debounce is None:
             return None
         if self._notifier is None:
-            db = self.db
+            store = self.store
             with self._lock:
                 if self._notifier is None:
-                    self._notifier = Notifier(db.dsn, db.queries, self.notify_debounce)
+                    self._notifier = Notifier(store, self.notify_debounce)
         return self._notifier.announce
 
     def migrate(self, revision: str = "head") -> None:
@@ -159,9 +157,9 @@ class TaskPG:
         if self._notifier is not None:
             self._notifier.close()
             self._notifier = None
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if self._store is not None:
+            self._store.connections.close()
+            self._store = None
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -185,8 +183,8 @@ class TaskPG:
             task_name = validate_task_name(f"{function.__module__}.{function.__qualname__}" if name is None else name)
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
+            check_key_templates(task_name, function, task_options)
             task: Task[Any, Any] = Task(self, function, task_name, task_options)
-            check_key_templates(task)
             self.tasks[task_name] = task
             return task
 
@@ -201,9 +199,9 @@ class TaskPG:
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
         name: str | None = None,
-        timezone: str = "UTC",
-        catch_up: str = "latest",
-        catch_up_limit: int = 100,
+        timezone: str = DEFAULT_TIMEZONE,
+        catch_up: str = DEFAULT_CATCH_UP,
+        catch_up_limit: int = DEFAULT_CATCH_UP_LIMIT,
     ) -> Schedule:
         """Run ``task`` with these arguments on a schedule (Celery's ``add_periodic_task``).
 
@@ -236,7 +234,7 @@ class TaskPG:
                 task=t.name,
                 cron=t.options.cron,
                 every=t.options.every,
-                timezone=t.options.timezone or "UTC",
+                timezone=t.options.timezone or DEFAULT_TIMEZONE,
                 catch_up=t.options.catch_up,
             )
             for t in self.tasks.values()

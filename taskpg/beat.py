@@ -17,25 +17,29 @@ import datetime as dt
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-
-from .broker import connect
+from .connections import CONNECTION_ERRORS
 from .enqueue import insert_job
-from .periodic import Schedule
-from .reconnect import CONNECTION_ERRORS
+from .flusher import Flusher
+from .loops import BackgroundLoop
 from .retention import prune, vacuum_unless_autovacuum
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from .app import TaskPG
+    from .periodic import Schedule
+    from .retention import Retention
+    from .store import Store
 
 logger = logging.getLogger("taskpg.beat")
 
 Clock = Callable[[], dt.datetime]
+#: The first maintenance round comes this soon after start (once a leader is elected).
+FIRST_CHORES_AFTER = 5.0
 
 
 def utc_now() -> dt.datetime:
@@ -49,8 +53,9 @@ class Fired:
     job_id: str
 
 
-class Beat:
-    """The scheduler loop. ``tick(now)`` does one round and can be driven by a test clock."""
+class Beat(BackgroundLoop):
+    """The scheduler loop. ``tick(now)`` does one round and can be driven by a test clock;
+    ``run()`` schedules until stopped, in the calling thread."""
 
     def __init__(
         self,
@@ -62,62 +67,58 @@ class Beat:
         prune_every: float = 60.0,
         flush_buffer: bool = True,
     ) -> None:
-        self.app = app
+        super().__init__("beat", app.store, connection="beat")
+        self.tasks = app.tasks
         self.clock = clock
         self.interval = interval
         self.leader_election = leader_election
-        self.prune_every = prune_every
-        self.flush_buffer = flush_buffer
+        self.leader_key = f"taskpg:{app.schema}:beat"
         self.schedules = {s.name: s for s in app.schedules()}
         for schedule in self.schedules.values():
             app.tasks[schedule.task]  # an unknown task fails now (NotRegistered), not at the first tick
         self.is_leader = False
-        self.started = threading.Event()
-        self._stop = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = None
+        self.chores = Maintenance(app.store, app.retention, prune_every, lambda: self.is_leader)
+        self.flusher = Flusher(app) if flush_buffer and app.redis_url is not None else None
         self._last: dict[str, dt.datetime] = {}  # newest tick handled, per schedule
         self._next: dict[str, dt.datetime] = {}  # when each schedule is next due
 
     # -- one round ---------------------------------------------------------------------------------
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = connect(self.app.db.dsn)
-            self.is_leader = False
-            self._last.clear()
-            self._next.clear()
-        return self._conn
+    def on_connect(self) -> None:
+        # A new session holds no lock, and what the old one knew may be stale.
+        self.is_leader = False
+        self._last.clear()
+        self._next.clear()
 
     def lead(self) -> bool:
         """Try to become (or stay) the leader; True while this beat holds the lock."""
         if not self.leader_election:
             return True
+        own = self.own  # first: a new connection ends leadership
         if not self.is_leader:
-            key = f"taskpg:{self.app.schema}:beat"
-            row = self._connection().execute(self.app.db.queries.try_beat_leader, {"key": key}).fetchone()
-            self.is_leader = bool(row and row[0])
+            self.is_leader = own.try_lead(self.leader_key)
             if self.is_leader:
                 logger.warning("beat %s is now the leader", id(self))
         return self.is_leader
 
     def _load_last(self, now: dt.datetime) -> None:
         """The newest handled tick of each schedule; a schedule seen for the first time starts now."""
-        q = self.app.db.queries
-        conn = self._connection()
         missing = [name for name in self.schedules if name not in self._last]
         if not missing:
             return
-        for name, last_tick, _ in conn.execute(q.last_ticks, {"schedules": missing}).fetchall():
-            self._last[name] = last_tick
+        own = self.own
+        for state in own.last_ticks(missing):
+            self._last[state.schedule] = state.last_tick
         for name in missing:
             if name not in self._last:
-                conn.execute(q.claim_tick, {"schedule": name, "tick": now, "job_id": None})
+                own.claim_tick(name, now, None)
                 self._last[name] = now
 
     def tick(self, now: dt.datetime | None = None) -> list[Fired]:
         """Fire every due tick of every schedule at ``now``; returns the ticks this beat fired."""
         now = now or self.clock()
-        self.app.db.check_schema()
+        self.store.check_schema()
+        self.own  # noqa: B018 - open the connection first: a new one clears the tick caches
         self._load_last(now)
         fired: list[Fired] = []
         for schedule in self.schedules.values():
@@ -128,25 +129,20 @@ class Beat:
                 job_id = self._fire(schedule, tick)
                 if job_id is not None:
                     fired.append(Fired(schedule.name, tick, job_id))
+                    self.signals.emit("fired")
                 self._last[schedule.name] = max(self._last[schedule.name], tick)
             self._next[schedule.name] = schedule.next_after(max(now, self._last[schedule.name]))
         return fired
 
     def _fire(self, schedule: Schedule, tick: dt.datetime) -> str | None:
-        task = self.app.tasks[schedule.task]
-        job, guard = task._prepare(schedule.args, schedule.kwargs, None, None, None, None)
-        conn = self._connection()
-        with conn.transaction():
-            claimed = conn.execute(
-                self.app.db.queries.claim_tick, {"schedule": schedule.name, "tick": tick, "job_id": job.id}
-            ).fetchone()
-            if claimed is None:
+        planned = self.tasks[schedule.task].build_job(schedule.args, schedule.kwargs)
+        job = planned.job
+        with self.own.transaction() as tx:
+            if not tx.claim_tick(schedule.name, tick, job.id):
                 return None  # another beat fired this tick
-            holder = insert_job(self.app.db, job, conn, guard)
+            holder = insert_job(tx, job, planned.guard)
             if holder != job.id:  # a unique twin stands for this tick, or a throttle turned it away
-                conn.execute(
-                    self.app.db.queries.set_tick_job, {"schedule": schedule.name, "tick": tick, "job_id": holder}
-                )
+                tx.set_tick_job(schedule.name, tick, holder)
                 return holder
         logger.info("fired %s for tick %s as job %s", schedule.name, tick.isoformat(), job.id)
         return job.id
@@ -160,8 +156,14 @@ class Beat:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        self._stop.set()
+    def step(self) -> float:
+        if self.lead():
+            self.tick()
+        return min(self.interval, self.next_tick_in(self.clock()) + 0.001)
+
+    def on_failure(self, exc: Exception) -> None:
+        if isinstance(exc, CONNECTION_ERRORS):
+            self.is_leader = False  # the session, and the lock with it, is gone
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop()
@@ -171,64 +173,67 @@ class Beat:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        if self.flush_buffer and self.app.redis_url is not None:
-            from .flusher import start_background
-
-            start_background(self.app, self._stop)
-        chores = threading.Thread(target=self._maintain, name="taskpg-maintenance", daemon=True)
-        chores.start()
+        helpers = [self.chores, *([self.flusher] if self.flusher else [])]
+        for helper in helpers:
+            helper.start()
         logger.info("beat ready with %d schedule(s)", len(self.schedules))
-        self.started.set()
-        while not self._stop.is_set():
-            try:
-                if self.lead():
-                    self.tick()
-            except CONNECTION_ERRORS as exc:
-                logger.warning("beat lost the database (%s); reconnecting", exc)
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None
-                self.is_leader = False
-                self._stop.wait(1.0)
-                continue
-            self._stop.wait(min(self.interval, self.next_tick_in(self.clock()) + 0.001))
-        if self._conn is not None:
-            self._conn.close()  # ends the session: the lock passes to another beat
+        try:
+            self.run_here()  # closing the connection at the end passes the lock to another beat
+        finally:
+            for helper in helpers:
+                helper.stop()
+            for helper in helpers:
+                helper.join(10)
         return 0
 
-    def _maintain(self) -> None:
-        """The leader's chores, every ``prune_every`` seconds, in their own thread (a long prune or
-        VACUUM never delays a tick): prune by retention, then vacuum where autovacuum does not."""
-        wait = min(self.prune_every, 5.0)  # the first round soon after start, once a leader is elected
-        while not self._stop.wait(wait):
-            wait = self.prune_every
-            if not self.is_leader:
-                continue
-            try:
-                self.maintain()
-            except Exception:  # the database away, say: the next round tries again
-                logger.exception("maintenance failed; trying again in %s s", self.prune_every)
+    def stop(self) -> None:
+        super().stop()
+        self.chores.stop()
 
     def maintain(self) -> int:
-        """One round of chores: prune finished jobs, VACUUM (ANALYZE) the jobs table if autovacuum is
-        off. Returns how many jobs were pruned."""
-        deleted = prune(self.app.db, self.app.retention)
+        """One round of chores now (see ``Maintenance.maintain``)."""
+        return self.chores.maintain()
+
+
+class Maintenance(BackgroundLoop):
+    """The leader's chores, every ``every`` seconds, in their own thread (a long prune or VACUUM
+    never delays a tick): prune by retention, then vacuum where autovacuum does not."""
+
+    def __init__(
+        self, store: Store, retention: dict[str | None, Retention], every: float, is_leader: Callable[[], bool]
+    ) -> None:
+        super().__init__("maintenance", store)
+        self.retention = retention
+        self.every = every
+        self.is_leader = is_leader
+        self._first = True
+
+    def step(self) -> float:
+        if self._first:  # soon after start, once a leader is elected
+            self._first = False
+            return min(self.every, FIRST_CHORES_AFTER)
+        if self.is_leader():
+            self.maintain()
+        return self.every
+
+    def maintain(self) -> int:
+        """Prune finished jobs, VACUUM (ANALYZE) the jobs table if autovacuum is off. Returns how
+        many jobs were pruned."""
+        deleted = prune(self.store, self.retention)
         if deleted:
             logger.info("pruned %d finished job(s)", deleted)
-        if vacuum_unless_autovacuum(self.app.db):
+        if vacuum_unless_autovacuum(self.store):
             logger.info("vacuumed the jobs table (autovacuum does not look after it)")
+        self.signals.emit("maintained")
         return deleted
 
 
-def describe_schedules(app: TaskPG, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+def describe_schedules(
+    store: Store, schedules: Sequence[Schedule], now: dt.datetime | None = None
+) -> list[dict[str, Any]]:
     """Each schedule with its last fired tick and its next tick (for ``taskpg beat --list``)."""
     now = now or utc_now()
-    schedules = app.schedules()
-    last: dict[str, dt.datetime | None] = {}
-    if schedules:
-        with app.db.connection() as conn:
-            rows = conn.execute(app.db.queries.last_ticks, {"schedules": [s.name for s in schedules]}).fetchall()
-        last = {name: fired for name, _, fired in rows}
+    last = {t.schedule: t.last_fired for t in store.last_ticks([s.name for s in schedules])} if schedules else {}
     return [
         {
             "name": s.name,

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import codec, envelope
-from .enqueue import Guard, NewJob, insert_idempotent, insert_job
+from .connections import redis_client, redis_errors
+from .enqueue import insert_job, insert_staged
 
 if TYPE_CHECKING:
-    import redis
+    from collections.abc import Iterable
 
-    from .app import TaskPG
+    from .guards import Guard
+    from .job import NewJob
+    from .store import Store
 
 logger = logging.getLogger("taskpg.buffer")
 
@@ -43,23 +45,12 @@ def buffer_key(schema: str) -> str:
     return f"taskpg:{schema}:buffer"
 
 
-def redis_client(url: str) -> redis.Redis[bytes]:
-    """A Redis client with short timeouts: an unreachable Redis must fail fast, not hang a request."""
-    try:
-        import redis as redis_module
-    except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        from .exceptions import ConfigurationError
-
-        raise ConfigurationError("the Redis buffer needs the redis extra: pip install 'taskpg[redis]'") from exc
-    return redis_module.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
-
-
 class BufferProducer:
     """Pushes jobs onto the buffer list, falling back to a direct insert when Redis is down."""
 
-    def __init__(self, app: TaskPG, url: str) -> None:
-        self.app = app
-        self.key = buffer_key(app.schema)
+    def __init__(self, store: Store, url: str) -> None:
+        self.store = store
+        self.key = buffer_key(store.schema)
         self.client = redis_client(url)
         self._push_unique = self.client.register_script(_PUSH_UNIQUE)
         self.fallbacks = 0  # jobs written straight to Postgres because Redis failed, since start
@@ -82,9 +73,9 @@ class BufferProducer:
                     keys=[self.key, f"{self.key}:unique:{unique_key}"], args=[envelope.encode(job), ttl, job.id]
                 )
                 holder = pushed.decode() if isinstance(pushed, bytes) else str(pushed)
-        except _redis_errors() as exc:
+        except redis_errors() as exc:
             self._fell_back(exc, 1)
-            return insert_job(self.app.db, job, guard=guard)  # with the same unique/throttle checks
+            return insert_job(self.store, job, guard)  # with the same unique/throttle checks
         self._recovered()
         return holder
 
@@ -95,12 +86,12 @@ class BufferProducer:
                 for start in range(0, len(batch), PUSH_CHUNK):
                     pipe.rpush(self.key, *envelope.encode_many(batch[start : start + PUSH_CHUNK]))
                 pipe.execute()
-        except _redis_errors() as exc:
+        except redis_errors() as exc:
             # A pipeline that failed part-way may have pushed some chunks already. Write them all
             # directly, idempotently by job id: whichever of this write and the flusher's comes
             # second skips the jobs the other one wrote.
             self._fell_back(exc, len(batch))
-            insert_idempotent(self.app.db, batch)
+            insert_staged(self.store, batch)
             return
         self._recovered()
 
@@ -134,16 +125,3 @@ class BufferProducer:
             except Exception:
                 enqueued_at = None
         return length, enqueued_at
-
-
-def _redis_errors() -> tuple[type[Exception], ...]:
-    """Redis failures that send jobs to Postgres instead: unreachable, full, or read-only (a replica)."""
-    import redis as redis_module
-    from redis import exceptions
-
-    return (
-        redis_module.ConnectionError,
-        redis_module.TimeoutError,
-        getattr(exceptions, "OutOfMemoryError", redis_module.ConnectionError),  # missing from older stubs
-        exceptions.ReadOnlyError,
-    )

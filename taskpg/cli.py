@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import deadletter, migrate, ops
 from .app import TaskPG
@@ -18,7 +18,25 @@ from .beat import Beat, describe_schedules
 from .dsn import redact
 from .exceptions import TaskpgError
 from .flusher import Flusher
+from .job import JobState
+from .pools import POOL_CHOICES
+from .rates import parse_duration
 from .worker import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: The job states ``taskpg status`` shows, in this order.
+STATUS_COLUMNS = (
+    JobState.AVAILABLE,
+    JobState.SCHEDULED,
+    JobState.RUNNING,
+    JobState.SUCCEEDED,
+    JobState.DEAD,
+    JobState.CANCELLED,
+)
+#: The worker options' defaults, read from WorkerSettings (so each default is stated once).
+WORKER_DEFAULTS = WorkerSettings()
 
 
 def load_app(spec: str) -> tuple[TaskPG, str]:
@@ -107,18 +125,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     app = app_from_args(args)
-    counts = ops.job_counts(app.db)
-    states = ["available", "scheduled", "running", "succeeded", "dead", "cancelled"]
-    workers = ops.workers(app.db)
-    limits = ops.limit_stats(app.db)
+    report = ops.status_report(app.store)
     buffer = None
     if app.redis_url is not None:
         depth, oldest = app.buffer.depth()
         buffer = {"depth": depth, "oldest_enqueued_at": oldest}
+    report["buffer"] = buffer
     if args.json:
-        report = {"jobs": counts, "workers": workers, "buffer": buffer, "tasks": limits}
         print(json.dumps(report, default=str, indent=2))
         return 0
+    counts, workers, limits = report["jobs"], report["workers"], report["tasks"]
+    states = [state.value for state in STATUS_COLUMNS]
     print("jobs:")
     _print_table([[q, *[counts[q].get(s, 0) for s in states]] for q in sorted(counts)], ["queue", *states])
     print("\nworkers:")
@@ -147,18 +164,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     app = app_from_args(args)
-    job = ops.inspect_job(app.db, args.job_id)
+    job = ops.inspect_job(app.store, args.job_id)
     if job is None:
         print(f"taskpg: no job {args.job_id}", file=sys.stderr)
         return 1
-    print(json.dumps(job, default=str, indent=2))
+    print(json.dumps(dataclasses.asdict(job), default=str, indent=2))
     return 0
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
     app = app_from_args(args)
     if args.action == "list":
-        jobs = deadletter.list_dead(app.db, args.queue, args.task, args.limit)
+        jobs = deadletter.list_dead(app.store, args.queue, args.task, args.limit)
         _print_table(
             [[j.id, j.task, j.queue, j.attempts, j.died_at, f"{j.error_type}: {j.error_message}"] for j in jobs],
             ["id", "task", "queue", "attempts", "died at", "last error"],
@@ -166,12 +183,12 @@ def cmd_dead(args: argparse.Namespace) -> int:
     elif args.action == "retry":
         if not args.ids and not args.all:
             raise SystemExit("taskpg dead retry: name job ids, or --all (optionally with --queue/--task)")
-        count = deadletter.retry_dead(app.db, None if args.all else args.ids, args.queue, args.task)
+        count = deadletter.retry_dead(app.store, None if args.all else args.ids, args.queue, args.task)
         print(f"{count} dead job(s) made available again")
     elif args.action == "purge":
         if args.older_than is None:
             raise SystemExit("taskpg dead purge: --older-than is required (e.g. --older-than 7d)")
-        count = deadletter.purge_dead(app.db, deadletter.parse_duration(args.older_than), args.queue, args.task)
+        count = deadletter.purge_dead(app.store, parse_duration(args.older_than), args.queue, args.task)
         print(f"{count} dead job(s) deleted")
     return 0
 
@@ -185,7 +202,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 def cmd_schedules(args: argparse.Namespace) -> int:
     app = app_from_args(args)
-    rows = describe_schedules(app)
+    rows = describe_schedules(app.store, app.schedules())
     _print_table(
         [[r["name"], r["task"], r["when"], r["catch_up"], r["last"] or "never", r["next"]] for r in rows],
         ["schedule", "task", "when", "catch-up", "last fired", "next"],
@@ -224,19 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     worker = sub.add_parser("worker", parents=[common], help="run jobs")
-    worker.add_argument("-Q", "--queues", default="default", help="comma-separated queues (default: default)")
-    worker.add_argument("-c", "--concurrency", type=int, default=10, help="jobs run at once (default: 10)")
-    worker.add_argument("--pool", choices=["threads", "processes", "async"], default="threads")
+    w = WORKER_DEFAULTS
+    worker.add_argument(
+        "-Q", "--queues", default=",".join(w.queues), help="comma-separated queues (default: %(default)s)"
+    )
+    worker.add_argument(
+        "-c", "--concurrency", type=int, default=w.concurrency, help="jobs run at once (default: %(default)s)"
+    )
+    worker.add_argument("--pool", choices=POOL_CHOICES, default=w.pool)
     worker.add_argument(
         "--prefetch",
         type=int,
-        default=None,
+        default=w.prefetch,
         help="extra jobs buffered (default: 4 x concurrency, deeper for jobs under ~5 ms; 0 for long jobs)",
     )
-    worker.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown")
-    worker.add_argument("--poll-interval", type=float, default=2.0, help="safety-net poll when idle (s)")
-    worker.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s)")
-    worker.add_argument("--rescue-after", type=float, default=30.0, help="rescue jobs of workers silent this long")
+    worker.add_argument(
+        "--grace", type=float, default=w.grace, help="seconds running jobs get at shutdown (default: %(default)s)"
+    )
+    worker.add_argument(
+        "--poll-interval", type=float, default=w.poll_interval, help="safety-net poll when idle, s (%(default)s)"
+    )
+    worker.add_argument(
+        "--heartbeat", type=float, default=w.heartbeat_interval, help="heartbeat interval, s (%(default)s)"
+    )
+    worker.add_argument(
+        "--rescue-after", type=float, default=w.rescue_after, help="rescue jobs of workers silent this long (s)"
+    )
     worker.add_argument("--beat", action="store_true", help="also run the periodic scheduler in this process")
     worker.add_argument("--no-flush", action="store_true", help="do not run the Redis buffer flusher here")
     worker.set_defaults(func=cmd_worker)

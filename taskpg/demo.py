@@ -74,7 +74,7 @@ def run(jobs: int = 300, concurrency: int = 8) -> int:
             app.AsyncResult(job_id).get(timeout=60)
         elapsed = time.monotonic() - started
 
-    counts = job_counts(app.db).get("demo", {})
+    counts = job_counts(app.store).get("demo", {})
     retried = sum(1 for h in emails if (h.info() or {}).get("attempt", 0) > 1)
     print(f"worker ran them in {elapsed:.2f} s ({enqueued / elapsed:.0f} jobs/s, {concurrency} threads)")
     print(f"job states: {counts}")

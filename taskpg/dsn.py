@@ -1,15 +1,9 @@
-"""Where the database is: DSN resolution and the SQLAlchemy engine used for migrations."""
+"""Where the database is: DSN resolution, libpq form, redaction for logs."""
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any
-
-import psycopg
-from sqlalchemy import create_engine
-from sqlalchemy.engine import Engine
-from sqlalchemy.pool import NullPool
 
 _DRIVER_SUFFIX = re.compile(r"^(postgres(?:ql)?)\+\w+://")
 
@@ -28,14 +22,3 @@ def redact(dsn: str) -> str:
     """The DSN with any password replaced, for logs and error messages."""
     dsn = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
-
-
-def sqlalchemy_engine(dsn: str, **kwargs: Any) -> Engine:
-    """A SQLAlchemy engine on psycopg 3 for any DSN form (URL or key=value)."""
-    target = libpq_dsn(dsn)
-    return create_engine(
-        "postgresql+psycopg://",
-        creator=lambda: psycopg.connect(target),
-        poolclass=NullPool,
-        **kwargs,
-    )

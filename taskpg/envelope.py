@@ -19,16 +19,18 @@ import datetime as dt
 import functools
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import codec
-from .enqueue import NewJob
 from .exceptions import ConfigurationError, NotRegistered
-from .job import new_job_id
+from .job import NewJob, new_job_id
 from .options import validate_priority, validate_queue_name
-from .task import Task
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+
+    from .task import Task
 
 #: Task name given to a dead job made from an envelope that could not be decoded at all.
 UNDECODABLE_TASK = "taskpg.undecodable_envelope"
@@ -43,7 +45,7 @@ _MAX_ATTEMPTS_RANGE = "'max_attempts' must be an integer from 1 to 2147483647"
 
 
 def encode(job: NewJob, enqueued_at: str | None = None) -> str:
-    """The envelope text for a job built by ``Task._prepare``: its JSON arguments are used as they are.
+    """The envelope text for a job built by ``Task.build_job``: its JSON arguments are used as they are.
 
     ``id`` comes first: the flusher recognises envelopes that bring their own id by that prefix.
     ``enqueued_at`` is an ISO 8601 time (now, by default); ``encode_many`` takes it once per batch.

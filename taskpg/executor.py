@@ -1,21 +1,17 @@
 """Running one job: resolve the task, decode and check its arguments, call it, and turn what
-happened into an :class:`Outcome`. No SQL here; persisting outcomes is the completer's job."""
+happened into an :class:`Outcome`. Pure: no I/O of its own (rate limits are decided by the pool
+through ``limiter.py``, outcomes are written by the completer)."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import inspect
-import json
-import logging
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import codec, errors
+from . import codec, failures
 from .exceptions import (
     ChildProcessDied,
-    ConfigurationError,
     NotRegistered,
     Reject,
     Retry,
@@ -23,46 +19,14 @@ from .exceptions import (
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
 )
+from .job import ClaimedJob, JobState, Outcome
 from .task import Request, Task, request_context
 
-logger = logging.getLogger("taskpg.worker")
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 # Failures of the attempt itself (not of the task's logic) that are retried while attempts remain.
 ATTEMPT_FAILURES = (SoftTimeLimitExceeded, TimeLimitExceeded, ChildProcessDied)
-
-
-@dataclass(frozen=True)
-class ClaimedJob:
-    """A job this worker holds: the columns the claim query returns."""
-
-    id: str
-    task: str
-    queue: str
-    priority: int
-    run_at: dt.datetime
-    args: str
-    kwargs: str
-    attempt: int
-    max_attempts: int
-    snoozes: int
-    lease: str
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What to write back for one attempt."""
-
-    job: ClaimedJob
-    state: str  # succeeded | scheduled | available | dead
-    delay: float = 0.0
-    result: str | None = None  # JSON text
-    error: dict[str, Any] | None = None
-    refund: int = 0  # 1 = this attempt does not count (snooze, rate-limit deferral, hand-back)
-    snoozed: int = 0  # 1 = counts towards the task's max_snoozes
-
-    @property
-    def error_json(self) -> str | None:
-        return None if self.error is None else json.dumps(self.error, default=str)
 
 
 @dataclass(frozen=True)
@@ -74,18 +38,6 @@ class Call:
     request: Request
 
 
-def error_record(job: ClaimedJob, error_type: str, message: str, worker_id: str | None) -> dict[str, Any]:
-    return {
-        "attempt": job.attempt,
-        "type": error_type,
-        "module": "taskpg.exceptions",
-        "message": message,
-        "traceback": None,
-        "worker": worker_id,
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-    }
-
-
 class Executor:
     """Turns claimed jobs into calls, and calls into outcomes, for one worker."""
 
@@ -94,27 +46,37 @@ class Executor:
         tasks: Mapping[str, Task[Any, Any]],
         worker_id: str | None,
         max_payload_bytes: int,
-        admit: Callable[[Call], float] | None = None,
-        limited_queues: frozenset[str] = frozenset(),
     ) -> None:
         self.tasks = tasks
         self.worker_id = worker_id
         self.max_payload_bytes = max_payload_bytes
-        self.admit = admit  # rate limits: seconds a call must wait before it may start (0 = now)
-        self.limited_queues = limited_queues
         self._signatures: dict[Callable[..., Any], inspect.Signature | None] = {}
         self._async: dict[Callable[..., Any], bool] = {}
 
     def dead(self, job: ClaimedJob, error_type: str, message: str) -> Outcome:
         """An outcome that sends the job to the dead state with a reason that says why."""
-        return Outcome(job, "dead", error=error_record(job, error_type, message, self.worker_id))
+        return Outcome(job, JobState.DEAD, error=failures.record(error_type, message, job.attempt, self.worker_id))
+
+    def failed(self, job: ClaimedJob, error_type: str, message: str) -> Outcome:
+        """An attempt that could not finish (the worker stopped): retried while attempts remain."""
+        state = JobState.DEAD if job.attempt >= job.max_attempts else JobState.AVAILABLE
+        return Outcome(job, state, error=failures.record(error_type, message, job.attempt, self.worker_id))
+
+    @staticmethod
+    def deferred(job: ClaimedJob, wait: float) -> Outcome:
+        """Back to the queue for ``wait`` seconds without spending the attempt (a rate limit said so)."""
+        return Outcome(job, JobState.SCHEDULED, delay=wait, refund=1)
+
+    @staticmethod
+    def handed_back(job: ClaimedJob) -> Outcome:
+        """A claimed job that never started goes back as it was (shutdown)."""
+        return Outcome(job, JobState.AVAILABLE, refund=1)
 
     def prepare(self, job: ClaimedJob) -> Call | Outcome:
         """Check a claimed job before running it; problems become a dead Outcome with the reason."""
-        try:
-            task = self.tasks[job.task]
-        except NotRegistered:
-            return self.dead(job, "NotRegistered", f"unknown task {job.task!r}: no task of that name is registered")
+        task = self._task(job)
+        if isinstance(task, Outcome):
+            return task
         try:
             args, kwargs = codec.loads(job.args), codec.loads(job.kwargs)
         except Exception as exc:
@@ -139,23 +101,19 @@ class Executor:
             args=args,
             kwargs=kwargs,
         )
-        call = Call(job, task, request)
-        if self.admit is not None and self.is_limited(job):
-            try:
-                wait = self.admit(call)
-            except ConfigurationError as exc:  # e.g. a rate_limit_key that cannot be rendered for these arguments
-                return self.dead(job, "ConfigurationError", str(exc))
-            except Exception as exc:  # the limiter's store is unreachable: try again shortly
-                logger.warning("job %s: rate limiter unavailable (%s); retrying in 1 s", job.id, exc)
-                wait = 1.0
-            if wait > 0:  # over a rate limit: back to the queue until its slot, attempt refunded
-                return Outcome(job, "scheduled", delay=wait, refund=1)
-        return call
+        return Call(job, task, request)
 
-    def is_limited(self, job: ClaimedJob) -> bool:
-        """Whether starting this job needs a rate-limit decision (a task or queue limit)."""
-        task = self.tasks.get(job.task)
-        return (task is not None and task.options.rate_limit is not None) or job.queue in self.limited_queues
+    def adopt(self, job: ClaimedJob, request: Request) -> Call | Outcome:
+        """The call for a job another executor prepared already (the processes pool's parent): the
+        task is looked up here, the arguments are not decoded again."""
+        task = self._task(job)
+        return task if isinstance(task, Outcome) else Call(job, task, request)
+
+    def _task(self, job: ClaimedJob) -> Task[Any, Any] | Outcome:
+        try:
+            return self.tasks[job.task]
+        except NotRegistered:
+            return self.dead(job, "NotRegistered", f"unknown task {job.task!r}: no task of that name is registered")
 
     def _signature_mismatch(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> str | None:
         """Why the stored arguments cannot bind to the function (None when they can)."""
@@ -178,15 +136,16 @@ class Executor:
         """Map a finished call (its return value or exception) to an Outcome."""
         job, options = call.job, call.task.options
         if exc is None:
-            return Outcome(job, "succeeded", result=None if options.ignore_result else codec.encode_result(result))
+            result_json = None if options.ignore_result else codec.encode_result(result)
+            return Outcome(job, JobState.SUCCEEDED, result=result_json)
         if isinstance(exc, Snooze):
             if job.snoozes >= options.max_snoozes:
                 return self.dead(
                     job, "TooManySnoozes", f"snoozed {job.snoozes} times; the limit is {options.max_snoozes}"
                 )
-            return Outcome(job, "scheduled", delay=exc.seconds, refund=1, snoozed=1)
+            return Outcome(job, JobState.SCHEDULED, delay=exc.seconds, refund=1, snoozed=1)
         if isinstance(exc, Reject):
-            return Outcome(job, "dead", error=errors.describe(exc, job.attempt, self.worker_id))
+            return Outcome(job, JobState.DEAD, error=failures.from_exception(exc, job.attempt, self.worker_id))
         if isinstance(exc, Retry):
             cause = exc.exc or exc
             max_attempts = job.max_attempts if exc.max_retries is None else exc.max_retries + 1
@@ -194,13 +153,14 @@ class Executor:
             return self._retry_or_dead(job, cause, max_attempts, delay)
         if isinstance(exc, (*options.autoretry_for, *ATTEMPT_FAILURES)):
             return self._retry_or_dead(job, exc, job.max_attempts, options.retry.delay(job.attempt))
-        return Outcome(job, "dead", error=errors.describe(exc, job.attempt, self.worker_id))
+        return Outcome(job, JobState.DEAD, error=failures.from_exception(exc, job.attempt, self.worker_id))
 
     def _retry_or_dead(self, job: ClaimedJob, exc: BaseException, max_attempts: int, delay: float) -> Outcome:
-        error = errors.describe(exc, job.attempt, self.worker_id)
+        error = failures.from_exception(exc, job.attempt, self.worker_id)
         if job.attempt >= max_attempts:
-            return Outcome(job, "dead", error=error)
-        return Outcome(job, "scheduled" if delay > 0 else "available", delay=max(0.0, delay), error=error)
+            return Outcome(job, JobState.DEAD, error=error)
+        state = JobState.SCHEDULED if delay > 0 else JobState.AVAILABLE
+        return Outcome(job, state, delay=max(0.0, delay), error=error)
 
     def run_sync(self, call: Call) -> Outcome:
         """Call a synchronous task in this thread."""

@@ -14,27 +14,27 @@ Killed after 1 or during 2: the processing list survives; the next flusher to ta
 recovers it. Killed after the commit but before 3: the recovered batch is written again and the
 conflict on job ids makes that a no-op. Postgres down during 2: the batch stays in the processing
 list and the write is retried with backoff. Only one flusher runs per buffer at a time (a Redis
-lock with a TTL, renewed while it works).
+lock with a TTL, renewed while it works). In a worker or a beat the flusher is a background loop
+(``start()``/``stop()``); ``taskpg flush`` calls ``drain()``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import tenacity
+from typing import TYPE_CHECKING
 
 from . import envelope
-from .buffer import buffer_key, redis_client
-from .enqueue import NewJob, insert_idempotent
+from .buffer import buffer_key
+from .connections import CONNECTION_ERRORS, reconnecting, redis_client, redis_errors
+from .enqueue import insert_staged
 from .exceptions import DatabaseUnavailable
-from .reconnect import CONNECTION_ERRORS
+from .job import NewJob
+from .loops import BackgroundLoop
 
 if TYPE_CHECKING:
     from .app import TaskPG
@@ -91,7 +91,11 @@ class Batch:
         return self.count > 0 and self.blob.count(SEPARATOR) == self.count - 1
 
 
-class Flusher:
+#: Seconds between the loop's looks at the buffer (a full batch is flushed without waiting for ``interval``).
+LOOK_EVERY = 0.05
+
+
+class Flusher(BackgroundLoop):
     """Moves buffered envelopes into Postgres; see the module docstring for the guarantees."""
 
     def __init__(
@@ -104,7 +108,11 @@ class Flusher:
     ) -> None:
         if app.redis_url is None:
             raise ValueError("the flusher needs an app with redis_url=")
-        self.app = app
+        super().__init__("flusher", app.store)
+        self.tasks = app.tasks
+        self.max_payload_bytes = app.max_payload_bytes
+        # Redis or Postgres away: keep the batch, try again after the backoff (a warning, no traceback).
+        self.reconnect_on = (*CONNECTION_ERRORS, DatabaseUnavailable, *redis_errors())
         self.batch_size = batch_size
         self.interval = interval
         self.lock_ttl_ms = int(lock_ttl * 1000)
@@ -113,6 +121,9 @@ class Flusher:
         self.redis = redis_client(app.redis_url)
         prefix = f"taskpg:{app.schema}"
         self.buffer = buffer_key(app.schema)
+        self.holding = False  # this flusher holds the buffer's lock
+        self._recovered = False
+        self._last = 0.0
         self.registry = f"{prefix}:processing"
         self.own_prefix = f"{prefix}:processing:{self.id}:"  # + a batch id: one list per batch
         self.lock = f"{prefix}:flusher-lock"
@@ -197,17 +208,20 @@ class Flusher:
         return Batch.of(key, self.redis.lrange(key, 0, -1))
 
     def _write(self, batch: Batch) -> None:
-        """Write a batch in one transaction, retrying while Postgres is unreachable."""
-        for attempt in tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((DatabaseUnavailable, *CONNECTION_ERRORS)),
-            wait=tenacity.wait_exponential(multiplier=0.1, max=5) + tenacity.wait_random(0, 0.2),
-            stop=tenacity.stop_after_delay(self.lock_ttl_ms / 1000 / 2),
-            before_sleep=lambda state: logger.warning("Postgres unreachable during a flush; retrying"),
-            reraise=True,
-        ):
-            with attempt:
-                self._write_decoded(batch)
-                self.renew()
+        """Write a batch in one transaction, retrying while Postgres is unreachable (for at most half
+        the lock's TTL: the lock is renewed after each try)."""
+
+        def write() -> None:
+            self._write_decoded(batch)
+            self.renew()
+
+        reconnecting(
+            write,
+            "flushing the buffer into Postgres",
+            reset=lambda: None,  # the pool replaces lost connections itself
+            errors=(DatabaseUnavailable, *CONNECTION_ERRORS),
+            give_up_after=self.lock_ttl_ms / 1000 / 2,
+        )
 
     def _write_decoded(self, batch: Batch) -> None:
         """Decode in Python (bad envelopes become dead jobs), then COPY and insert idempotently."""
@@ -216,7 +230,7 @@ class Flusher:
         dead: dict[str, str] = {}
         for index, raw in enumerate(items):
             decoded = envelope.decode(
-                raw, self.app.tasks, self.app.max_payload_bytes, functools.partial(_batch_id, batch.key, index)
+                raw, self.tasks, self.max_payload_bytes, functools.partial(_batch_id, batch.key, index)
             )
             if isinstance(decoded, envelope.Rejected):
                 dead[decoded.job.id] = decoded.reason
@@ -224,43 +238,32 @@ class Flusher:
                 logger.warning("envelope rejected (stored as dead job %s): %s", decoded.job.id, decoded.reason)
             else:
                 jobs.append(decoded)
-        insert_idempotent(self.app.db, _Announced(jobs, self.on_step), dead)
+        insert_staged(self.store, _Announced(jobs, self.on_step), dead)
 
     # -- the background loop -------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Flush every ``interval`` seconds, or as soon as a full batch waits, until ``stop`` is set."""
-        holding = recovered = False
-        last = 0.0
-        while not stop.is_set():
-            try:
-                if not holding:
-                    holding = self.acquire()
-                    recovered = False
-                if holding and not recovered:
-                    self.recover()
-                    recovered = True
-                if holding:
-                    due = time.monotonic() - last >= self.interval
-                    if due or self.redis.llen(self.buffer) >= self.batch_size:
-                        while self.flush_once() >= self.batch_size and not stop.is_set():
-                            pass
-                        last = time.monotonic()
-                    holding = self.renew()
-            except Exception as exc:  # Redis or Postgres away: keep the batch, try again later
-                logger.warning("flush failed (%s); the batch stays in its processing list and is retried", exc)
-                stop.wait(min(5.0, self.interval))
-            stop.wait(0.05)
-        if holding:
+    def step(self) -> float:
+        """Flush every ``interval`` seconds, or as soon as a full batch waits."""
+        if not self.holding:
+            self.holding = self.acquire()
+            self._recovered = False
+        if self.holding and not self._recovered:
+            self.recover()
+            self._recovered = True
+        if self.holding:
+            due = time.monotonic() - self._last >= self.interval
+            if due or self.redis.llen(self.buffer) >= self.batch_size:
+                while self.flush_once() >= self.batch_size and not self.stopping:
+                    pass
+                self._last = time.monotonic()
+                self.signals.emit("flushed")
+            self.holding = self.renew()
+        return LOOK_EVERY
+
+    def on_stop(self) -> None:
+        if self.holding:
             self.release()
-
-
-def start_background(app: TaskPG, stop: threading.Event, **options: Any) -> threading.Thread:
-    """Run a flusher in a daemon thread (inside ``taskpg worker`` and ``taskpg beat``)."""
-    flusher = Flusher(app, **options)
-    thread = threading.Thread(target=flusher.run, args=(stop,), name="taskpg-flusher", daemon=True)
-    thread.start()
-    return thread
+            self.holding = False
 
 
 class _Announced(list[NewJob]):

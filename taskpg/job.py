@@ -1,4 +1,8 @@
-"""Job states, Celery status names and job ids."""
+"""Jobs as data: the states, Celery's status names, job ids, and the records taskpg reads and writes.
+
+Nothing here does I/O: the store (``store.py``) turns these records into statements and rows back
+into them, the executor builds outcomes, enqueue builds new jobs.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,24 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Iterable, Iterator
 
 
 class JobState(str, Enum):
     """The state column of a job row.
 
     ``scheduled -> available -> running -> succeeded | scheduled (retry/snooze) | dead``;
-    ``cancelled`` for a job revoked before it started.
+    ``cancelled`` for a job revoked before it started. The schema's check constraint and partial
+    indexes are derived from this enum (``schema.py``).
     """
 
     SCHEDULED = "scheduled"
@@ -24,8 +37,17 @@ class JobState(str, Enum):
     DEAD = "dead"
     CANCELLED = "cancelled"
 
+    def __str__(self) -> str:
+        return self.value
 
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+#: States a job never leaves (until pruned or retried by hand).
 FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED})
+#: States that hold a unique key: the job has not finished yet.
+UNFINISHED_STATES = (JobState.SCHEDULED, JobState.AVAILABLE, JobState.RUNNING)
 
 
 class Status(str, Enum):
@@ -39,18 +61,124 @@ class Status(str, Enum):
     REVOKED = "REVOKED"
 
 
+_STATUS_OF = {
+    JobState.RUNNING: Status.STARTED,
+    JobState.SUCCEEDED: Status.SUCCESS,
+    JobState.DEAD: Status.FAILURE,
+    JobState.CANCELLED: Status.REVOKED,
+}
+
+
 def status_of(state: str, attempt: int) -> Status:
     """Map a row's state (and whether it already ran once) to a Celery status."""
-    job_state = JobState(state)
-    if job_state is JobState.RUNNING:
-        return Status.STARTED
-    if job_state is JobState.SUCCEEDED:
-        return Status.SUCCESS
-    if job_state is JobState.DEAD:
-        return Status.FAILURE
-    if job_state is JobState.CANCELLED:
-        return Status.REVOKED
+    status = _STATUS_OF.get(JobState(state))
+    if status is not None:
+        return status
     return Status.RETRY if attempt > 0 else Status.PENDING
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job ready to be written: arguments already encoded as JSON text."""
+
+    id: str
+    task: str
+    queue: str
+    args: str
+    kwargs: str
+    priority: int
+    max_attempts: int
+    eta: dt.datetime | None = None
+    countdown: float = 0.0
+    unique_key: str | None = None  # at most one unfinished job per key
+    not_before: dt.datetime | None = None  # a deferred throttled job waits for its window
+
+
+#: One call of a JobBatch: (job id, args JSON, kwargs JSON).
+Row = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class JobBatch:
+    """Calls of one task that share every option (``delay_many``'s COPY path).
+
+    ``rows`` is read once, while the COPY runs; it may raise to abort the batch (nothing is written).
+    """
+
+    task: str
+    queue: str
+    priority: int
+    max_attempts: int
+    rows: Iterable[Row]
+    eta: dt.datetime | None = None
+    countdown: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker holds: the columns the claim returns."""
+
+    id: str
+    task: str
+    queue: str
+    priority: int
+    run_at: dt.datetime
+    args: str
+    kwargs: str
+    attempt: int
+    max_attempts: int
+    snoozes: int
+    lease: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to write back for one attempt."""
+
+    job: ClaimedJob
+    state: JobState  # succeeded | scheduled | available | dead
+    delay: float = 0.0
+    result: str | None = None  # JSON text
+    error: dict[str, Any] | None = None  # a failure record (failures.py)
+    refund: int = 0  # 1 = this attempt does not count (snooze, rate-limit deferral, hand-back)
+    snoozed: int = 0  # 1 = counts towards the task's max_snoozes
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Every column of one job row that a reader needs (``taskpg inspect``, ``AsyncResult``)."""
+
+    id: str
+    task: str
+    queue: str
+    state: str
+    attempt: int
+    max_attempts: int
+    snoozes: int
+    priority: int
+    args: Any
+    kwargs: Any
+    result: Any
+    errors: list[dict[str, Any]]
+    run_at: dt.datetime
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    worker_id: str | None
+
+
+# -- ids -------------------------------------------------------------------------------------------
+
+
+def validate_job_id(job_id: str) -> str:
+    """Job ids are UUIDs; anything else is refused before it reaches SQL."""
+    try:
+        return str(uuid.UUID(str(job_id)))
+    except ValueError:
+        raise ConfigurationError(f"{job_id!r} is not a taskpg job id (a UUID)") from None
 
 
 _random = threading.local()

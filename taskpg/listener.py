@@ -1,79 +1,62 @@
 """LISTEN for new work on a dedicated connection and wake the fetch loop.
 
-After any connection loss it reconnects with backoff, LISTENs again and wakes the fetch loop
-once (anything announced while it was away is picked up by that claim). An idle connection is
-pinged every few seconds, so a half-open socket is noticed instead of silently hearing nothing.
+After a connection loss the loop reconnects with the common backoff, LISTENs again and wakes the
+fetch loop once (anything announced while it was away is picked up by that claim). An idle
+connection is pinged every few seconds, so a half-open socket is noticed instead of silently
+hearing nothing.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-import psycopg
+from .loops import BackgroundLoop
 
-from .broker import connect
-from .reconnect import reconnecting
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
 
-logger = logging.getLogger("taskpg.worker")
+    from .store import Store
 
 PING_EVERY = 5.0
+#: How long one step waits for notifications (a stop request is seen this fast).
+LISTEN_SLICE = 0.25
 
 
-class Listener:
+class Listener(BackgroundLoop):
     def __init__(
-        self, dsn: str, listen_sql: str, queues: set[str], on_work: Callable[[], None], stop: threading.Event
+        self,
+        store: Store,
+        queues: Collection[str],
+        on_work: Callable[[], None],
+        stop_event: threading.Event | None = None,
     ) -> None:
-        self.dsn = dsn
-        self.listen_sql = listen_sql
-        self.queues = queues
+        super().__init__("listener", store, connection="listener", stop_event=stop_event)
+        self.queues = frozenset(queues)
         self.on_work = on_work
-        self.stop = stop
-        self.connected = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._thread = threading.Thread(target=self._run, name="taskpg-listener", daemon=True)
+        self.connected = threading.Event()  # set while the LISTEN connection is up
+        self._last_ping = 0.0
 
-    def start(self) -> None:
-        self._thread.start()
+    def step(self) -> float:
+        own = self.own  # first: a new connection clears `connected`
+        if not self.connected.is_set():
+            own.listen_for_jobs()
+            self.connected.set()
+            self._last_ping = time.monotonic()
+            self.signals.emit("listening")
+            self.on_work()  # catch up on anything announced while we were not listening
+        for queue in own.notifications(LISTEN_SLICE):
+            if queue in self.queues:
+                self.on_work()
+        if time.monotonic() - self._last_ping > PING_EVERY:
+            own.ping()
+            self._last_ping = time.monotonic()
+        return 0.0
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+    def on_connect(self) -> None:
+        self.connected.clear()  # a new session: LISTEN again
 
-    def _reset(self) -> None:
+    def on_failure(self, exc: Exception) -> None:
+        self.reset_connection()
         self.connected.clear()
-        if self._conn is not None:
-            self._conn.close()
-        self._conn = None
-
-    def _connect(self) -> psycopg.Connection[Any]:
-        conn = connect(self.dsn)
-        conn.execute(self.listen_sql)
-        self._conn = conn
-        self.connected.set()
-        self.on_work()  # catch up on anything announced while we were not listening
-        return conn
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                reconnecting(self._listen, "listening for new jobs", self._reset, self.stop)
-            except Exception:
-                if not self.stop.is_set():
-                    logger.exception("listener failed; restarting it")
-                    self._reset()
-                    time.sleep(1)
-        self._reset()
-
-    def _listen(self) -> None:
-        conn = self._conn or self._connect()
-        last_ping = time.monotonic()
-        while not self.stop.is_set():
-            for note in conn.notifies(timeout=0.25):
-                if note.payload in self.queues:
-                    self.on_work()
-            if time.monotonic() - last_ping > PING_EVERY:
-                conn.execute("SELECT 1")
-                last_ping = time.monotonic()

@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
-from .dsn import sqlalchemy_engine
+from .connections import sqlalchemy_engine
 from .schema import DEFAULT_SCHEMA, validate_schema_name
 
 

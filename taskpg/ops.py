@@ -1,56 +1,43 @@
-"""Read-only views for operators: job counts, workers, one job's full record."""
+"""Read-only views for operators: job counts, workers, limit counts, one job's full record."""
 
 from __future__ import annotations
 
-import uuid
-from collections import defaultdict
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
-import psycopg
+from .job import JobRecord, validate_job_id
 
-from .broker import Database
-from .exceptions import ConfigurationError
+if TYPE_CHECKING:
+    from .store import LimitCounts, Store, WorkerRow
 
-
-def validate_job_id(job_id: str) -> str:
-    """Job ids are UUIDs; anything else is refused before it reaches SQL."""
-    try:
-        return str(uuid.UUID(str(job_id)))
-    except ValueError:
-        raise ConfigurationError(f"{job_id!r} is not a taskpg job id (a UUID)") from None
+#: A worker whose last heartbeat is older than this is shown as silent.
+ALIVE_WITHIN = 30.0
 
 
-def job_counts(db: Database) -> dict[str, dict[str, int]]:
+def job_counts(store: Store) -> dict[str, dict[str, int]]:
     """queue -> state -> number of jobs."""
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
-    with db.connection() as conn:
-        for queue, state, count in conn.execute(db.queries.job_counts).fetchall():
-            counts[queue][state] = int(count)
-    return dict(counts)
+    return store.job_counts()
 
 
-def limit_stats(db: Database) -> dict[str, dict[str, int]]:
-    """task -> {"throttled": calls turned away by throttles, "snoozed": snoozes of kept jobs}."""
-    with db.connection() as conn:
-        rows = conn.execute(db.queries.task_limit_stats).fetchall()
-    return {task: {"throttled": int(throttled), "snoozed": int(snoozed)} for task, throttled, snoozed in rows}
+def limit_stats(store: Store) -> dict[str, LimitCounts]:
+    """task -> calls turned away by throttles and snoozes of kept jobs."""
+    return store.limit_counts()
 
 
-def workers(db: Database, alive_within: float = 30.0) -> list[dict[str, Any]]:
+def workers(store: Store, alive_within: float = ALIVE_WITHIN) -> list[WorkerRow]:
     """Registered workers with their last heartbeat; ``alive`` when it is within ``alive_within`` s."""
-    with db.connection() as conn:
-        cur = conn.execute(db.queries.list_workers, {"alive_within": alive_within})
-        names = [c.name for c in cur.description or ()]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    return store.list_workers(alive_within)
 
 
-def inspect_job(db: Database, job_id: str, conn: psycopg.Connection[Any] | None = None) -> dict[str, Any] | None:
+def inspect_job(store: Store, job_id: str) -> JobRecord | None:
     """Every column of one job, error history included (None when there is no such job)."""
-    job_id = validate_job_id(job_id)
-    if conn is None:
-        return db.run(lambda own: inspect_job(db, job_id, own))
-    cur = conn.execute(db.queries.get_job, {"id": job_id})
-    row = cur.fetchone()
-    if row is None:
-        return None
-    return dict(zip([c.name for c in cur.description or ()], row, strict=True))
+    return store.get_job(validate_job_id(job_id))
+
+
+def status_report(store: Store) -> dict[str, Any]:
+    """Jobs per queue and state, workers and limit counts, as JSON-ready data (``taskpg status --json``)."""
+    return {
+        "jobs": job_counts(store),
+        "workers": [dataclasses.asdict(w) for w in workers(store)],
+        "tasks": {task: dataclasses.asdict(c) for task, c in limit_stats(store).items()},
+    }

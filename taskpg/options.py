@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import croniter
+from typing import TYPE_CHECKING, Any, Literal
 
 from .exceptions import ConfigurationError
-from .retry import DEFAULT_RETRY_DELAY, RetryPolicy
-from .throttle import Rate, parse_rate
+from .periodic import DEFAULT_CATCH_UP, validate_catch_up, validate_cron, validate_timezone
+from .rates import Rate, parse_rate
+from .retry import DEFAULT_BACKOFF_MAX, DEFAULT_RETRY_DELAY, RetryPolicy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-<>]{0,254}$")
@@ -69,7 +69,7 @@ class TaskOptions:
     max_retries: int | None = 3
     autoretry_for: tuple[type[BaseException], ...] = ()
     retry_backoff: bool | float = False
-    retry_backoff_max: float = 600.0
+    retry_backoff_max: float = DEFAULT_BACKOFF_MAX
     retry_jitter: bool = True
     default_retry_delay: float = DEFAULT_RETRY_DELAY
     retry_policy: Callable[[Any], float] | None = None
@@ -85,7 +85,7 @@ class TaskOptions:
     cron: str | None = None
     every: float | None = None
     timezone: str | None = None
-    catch_up: str = "latest"
+    catch_up: str = DEFAULT_CATCH_UP
     dead_letter: str | None = None
     bind: bool = False
     ignore_result: bool = False
@@ -121,33 +121,37 @@ class TaskOptions:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigurationError(f"unknown task option(s): {', '.join(unknown)}")
-        opts: dict[str, Any] = dict(raw)
-        opts["queue"] = validate_queue_name(opts.get("queue", default_queue))
-        opts["priority"] = validate_priority(opts.get("priority", 0))
+        opts: dict[str, Any] = {**_DEFAULTS, "queue": default_queue, **raw}
+        opts["queue"] = validate_queue_name(opts["queue"])
+        opts["priority"] = validate_priority(opts["priority"])
         _check_retry_options(opts)
         _check_limits(opts)
         _check_keys_and_rates(opts)
         _check_schedule(opts)
-        dead_letter = opts.get("dead_letter")
+        dead_letter = opts["dead_letter"]
         if dead_letter is not None and not (
             isinstance(dead_letter, str) and (QUEUE_NAME.match(dead_letter) or TASK_NAME.match(dead_letter))
         ):
             raise ConfigurationError(f"dead_letter={dead_letter!r}: expected a queue name or a task name")
         for flag in ("bind", "ignore_result", "retry_jitter"):
-            if flag in opts and not isinstance(opts[flag], bool):
+            if not isinstance(opts[flag], bool):
                 raise ConfigurationError(f"{flag}={opts[flag]!r}: expected True or False")
-        if opts.get("via") is not None and opts["via"] not in VIA_CHOICES:
+        if opts["via"] is not None and opts["via"] not in VIA_CHOICES:
             raise ConfigurationError(f"via={opts['via']!r}: expected one of {VIA_CHOICES}")
         return cls(**opts)
 
 
+#: Every option's declared default, read from the dataclass (so each default is stated once).
+_DEFAULTS = {f.name: f.default for f in fields(TaskOptions)}
+
+
 def _check_retry_options(opts: dict[str, Any]) -> None:
-    max_retries = opts.get("max_retries", 3)
+    max_retries = opts["max_retries"]
     if max_retries is not None and (
         isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries < 2**31 - 2
     ):
         raise ConfigurationError(f"max_retries={max_retries!r}: expected an integer >= 0, or None for no limit")
-    autoretry = opts.get("autoretry_for", ())
+    autoretry = opts["autoretry_for"]
     if isinstance(autoretry, type):
         autoretry = (autoretry,)
     if not isinstance(autoretry, (tuple, list)) or not all(
@@ -155,67 +159,60 @@ def _check_retry_options(opts: dict[str, Any]) -> None:
     ):
         raise ConfigurationError(f"autoretry_for={autoretry!r}: expected a tuple of exception classes")
     opts["autoretry_for"] = tuple(autoretry)
-    backoff = opts.get("retry_backoff", False)
+    backoff = opts["retry_backoff"]
     if not isinstance(backoff, bool):
         _positive_number("retry_backoff", backoff, allow_none=False)
     for name in ("retry_backoff_max", "default_retry_delay"):
-        if name in opts:
-            if opts[name] != 0:
-                _positive_number(name, opts[name], allow_none=False)
-            opts[name] = float(opts[name])
-    policy = opts.get("retry_policy")
+        if opts[name] != 0:
+            _positive_number(name, opts[name], allow_none=False)
+        opts[name] = float(opts[name])
+    policy = opts["retry_policy"]
     if policy is not None and not callable(policy):
         raise ConfigurationError(f"retry_policy={policy!r}: expected a tenacity wait strategy (a callable)")
 
 
 def _check_limits(opts: dict[str, Any]) -> None:
-    soft = _positive_number("soft_time_limit", opts.get("soft_time_limit"))
-    hard = _positive_number("time_limit", opts.get("time_limit"))
+    soft = _positive_number("soft_time_limit", opts["soft_time_limit"])
+    hard = _positive_number("time_limit", opts["time_limit"])
     if soft is not None and hard is not None and soft >= hard:
         raise ConfigurationError(f"soft_time_limit={soft} must be below time_limit={hard}")
-    max_snoozes = opts.get("max_snoozes", 100)
+    max_snoozes = opts["max_snoozes"]
     if isinstance(max_snoozes, bool) or not isinstance(max_snoozes, int) or max_snoozes < 0:
         raise ConfigurationError(f"max_snoozes={max_snoozes!r}: expected an integer >= 0")
 
 
 def _check_keys_and_rates(opts: dict[str, Any]) -> None:
     for name in ("throttle_key", "rate_limit_key"):
-        opts[name] = _key_template(name, opts.get(name))
-    if (opts.get("throttle_key") is None) != (opts.get("throttle") is None):
+        opts[name] = _key_template(name, opts[name])
+    if (opts["throttle_key"] is None) != (opts["throttle"] is None):
         raise ConfigurationError(
             "throttle_key= and throttle= go together (e.g. throttle_key='user:{user_id}', throttle='1/h')"
         )
-    if opts.get("throttle") is not None:
+    if opts["throttle"] is not None:
         opts["throttle"] = parse_rate(opts["throttle"], "throttle")
-    if opts.get("rate_limit") is not None:
+    if opts["rate_limit"] is not None:
         opts["rate_limit"] = parse_rate(opts["rate_limit"], "rate_limit")
-    if opts.get("rate_limit_key") is not None and opts.get("rate_limit") is None:
+    if opts["rate_limit_key"] is not None and opts["rate_limit"] is None:
         raise ConfigurationError("rate_limit_key= needs rate_limit= (e.g. rate_limit='100/s')")
-    if opts.get("throttle_mode", "drop") not in THROTTLE_MODES:
+    if opts["throttle_mode"] not in THROTTLE_MODES:
         raise ConfigurationError(f"throttle_mode={opts['throttle_mode']!r}: expected one of {THROTTLE_MODES}")
-    unique = opts.get("unique_key")
+    unique = opts["unique_key"]
     if unique is False:
         opts["unique_key"] = None
     elif unique is not None and unique is not True:
         opts["unique_key"] = _key_template("unique_key", unique)
-    opts["unique_for"] = _positive_number("unique_for", opts.get("unique_for"))
+    opts["unique_for"] = _positive_number("unique_for", opts["unique_for"])
 
 
 def _check_schedule(opts: dict[str, Any]) -> None:
-    cron = opts.get("cron")
-    if cron is not None and (not isinstance(cron, str) or not croniter.is_valid(cron)):
-        raise ConfigurationError(f"cron={cron!r} is not a valid cron expression (e.g. '*/5 * * * *')")
-    every = opts.get("every")
+    if opts["cron"] is not None:
+        validate_cron(opts["cron"])
+    every = opts["every"]
     if isinstance(every, timedelta):
         every = every.total_seconds()
     opts["every"] = _positive_number("every", every)
-    if cron is not None and opts["every"] is not None:
+    if opts["cron"] is not None and opts["every"] is not None:
         raise ConfigurationError("give either cron= or every=, not both")
-    if opts.get("catch_up", "latest") not in ("latest", "skip", "all"):
-        raise ConfigurationError(f"catch_up={opts['catch_up']!r}: expected 'latest', 'skip' or 'all'")
-    zone = opts.get("timezone")
-    if zone is not None:
-        try:
-            ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"timezone={zone!r} is not a known IANA time zone") from exc
+    validate_catch_up(opts["catch_up"])
+    if opts["timezone"] is not None:
+        validate_timezone(opts["timezone"])

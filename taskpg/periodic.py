@@ -10,18 +10,46 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
 from .exceptions import ConfigurationError
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
 CATCH_UP_POLICIES = ("latest", "skip", "all")
+DEFAULT_CATCH_UP = "latest"
+DEFAULT_CATCH_UP_LIMIT = 100
+DEFAULT_TIMEZONE = "UTC"
 #: Under ``catch_up="skip"`` a tick later than this is a missed tick and is not run.
 SKIP_LATER_THAN = dt.timedelta(seconds=5)
+
+
+def validate_cron(cron: Any, owner: str = "") -> str:
+    """A cron expression croniter can read (``"*/5 * * * *"``)."""
+    if not isinstance(cron, str) or not croniter.is_valid(cron):
+        raise ConfigurationError(f"{owner}cron={cron!r} is not a valid cron expression (e.g. '*/5 * * * *')")
+    return cron
+
+
+def validate_timezone(zone: Any, owner: str = "") -> str:
+    """An IANA time zone name (``"Europe/Madrid"``)."""
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        raise ConfigurationError(f"{owner}timezone={zone!r} is not a known IANA time zone") from exc
+    return str(zone)
+
+
+def validate_catch_up(policy: Any, owner: str = "") -> str:
+    """One of CATCH_UP_POLICIES."""
+    if policy not in CATCH_UP_POLICIES:
+        raise ConfigurationError(f"{owner}catch_up={policy!r}: expected one of {CATCH_UP_POLICIES}")
+    return str(policy)
 
 
 @dataclass(frozen=True)
@@ -32,29 +60,24 @@ class Schedule:
     task: str
     cron: str | None = None
     every: float | None = None
-    timezone: str = "UTC"
+    timezone: str = DEFAULT_TIMEZONE
     args: Sequence[Any] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    catch_up: str = "latest"
-    catch_up_limit: int = 100
+    catch_up: str = DEFAULT_CATCH_UP
+    catch_up_limit: int = DEFAULT_CATCH_UP_LIMIT
 
     def __post_init__(self) -> None:
+        owner = f"schedule {self.name!r}: "
         if (self.cron is None) == (self.every is None):
-            raise ConfigurationError(f"schedule {self.name!r}: give exactly one of cron= or every=")
-        if self.cron is not None and not croniter.is_valid(self.cron):
-            raise ConfigurationError(f"schedule {self.name!r}: cron={self.cron!r} is not a valid cron expression")
+            raise ConfigurationError(f"{owner}give exactly one of cron= or every=")
+        if self.cron is not None:
+            validate_cron(self.cron, owner)
         if self.every is not None and not self.every > 0:
-            raise ConfigurationError(f"schedule {self.name!r}: every= must be a positive number of seconds")
-        if self.catch_up not in CATCH_UP_POLICIES:
-            raise ConfigurationError(
-                f"schedule {self.name!r}: catch_up={self.catch_up!r}, expected {CATCH_UP_POLICIES}"
-            )
+            raise ConfigurationError(f"{owner}every= must be a positive number of seconds")
+        validate_catch_up(self.catch_up, owner)
         if self.catch_up_limit < 1:
-            raise ConfigurationError(f"schedule {self.name!r}: catch_up_limit must be at least 1")
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"schedule {self.name!r}: timezone={self.timezone!r} is not known") from exc
+            raise ConfigurationError(f"{owner}catch_up_limit must be at least 1")
+        validate_timezone(self.timezone, owner)
 
     @property
     def zone(self) -> ZoneInfo:

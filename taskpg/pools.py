@@ -25,28 +25,42 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .app import TaskPG, TaskRegistry
-from .exceptions import ChildProcessDied, SoftTimeLimitExceeded, TimeLimitExceeded
-from .executor import Call, ClaimedJob, Executor, Outcome
-from .task import Task
+from .exceptions import ChildProcessDied, ConfigurationError, SoftTimeLimitExceeded, TimeLimitExceeded
+from .executor import Call, Executor
+from .job import ClaimedJob, Outcome
+from .task import Request, Task, TaskRegistry
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from .limiter import RateLimiter
 
 logger = logging.getLogger("taskpg.worker")
 
 OutcomeSink = Callable[[Outcome], None]
+POOL_CHOICES = ("threads", "processes", "async")
 CHILD_START_TIMEOUT = 120.0  # seconds a child process may take to import the task modules
 RUN_TIME_WEIGHT = 0.05  # weight of the newest job in the mean run time (about the last 20 jobs)
 
 
 class Pool:
-    """Common bookkeeping: how many jobs are buffered or running, and the start/finish log lines."""
+    """Common bookkeeping: how many jobs are buffered or running, the rate-limit decision before a
+    job starts, and the start/finish log lines."""
 
     kind = "base"
 
-    def __init__(self, executor: Executor, concurrency: int, on_outcome: OutcomeSink, on_free: Callable[[], None]):
+    def __init__(
+        self,
+        executor: Executor,
+        concurrency: int,
+        on_outcome: OutcomeSink,
+        on_free: Callable[[], None],
+        limiter: RateLimiter | None = None,
+    ):
         self.executor = executor
+        self.limiter = limiter
         self.concurrency = concurrency
         self._on_outcome = on_outcome
         self._on_free = on_free
@@ -95,6 +109,31 @@ class Pool:
             self._in_flight -= 1
         self._on_free()
 
+    def needs_admission(self, call: Call) -> bool:
+        """Whether the call must pass a rate limit before it starts (a decision that does I/O)."""
+        return self.limiter is not None and self.limiter.applies_to(call.task, call.job.queue)
+
+    def admit(self, call: Call) -> Call | Outcome:
+        """The call if its rate limits let it start now, else the outcome that puts it back."""
+        if not self.needs_admission(call):
+            return call
+        assert self.limiter is not None
+        job = call.job
+        try:
+            wait = self.limiter.admit(call.task, call.request.args, call.request.kwargs, job.queue)
+        except ConfigurationError as exc:  # e.g. a rate_limit_key that cannot be rendered for these arguments
+            return self.executor.dead(job, "ConfigurationError", str(exc))
+        except Exception as exc:  # the limiter's store is unreachable: try again shortly
+            logger.warning("job %s: rate limiter unavailable (%s); retrying in 1 s", job.id, exc)
+            wait = 1.0
+        # Over a rate limit: back to the queue until its slot, attempt refunded.
+        return self.executor.deferred(job, wait) if wait > 0 else call
+
+    def prepare(self, job: ClaimedJob) -> Call | Outcome:
+        """Check the job and take its rate-limit decision: a Call to run, or an Outcome already."""
+        prepared = self.executor.prepare(job)
+        return prepared if isinstance(prepared, Outcome) else self.admit(prepared)
+
     def _time_run(self, seconds: float) -> None:
         """Fold one job's run time into ``mean_run_time`` (an exponentially weighted mean)."""
         mean = self.mean_run_time
@@ -138,21 +177,23 @@ class _Runner:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class ThreadPool(Pool):
-    """N runner threads fed from a local queue; ``async def`` tasks go to one shared event loop."""
+class _RunnerPool(Pool):
+    """N runner threads fed from a local queue; subclasses say how one job runs (``_run_one``)."""
 
-    kind = "threads"
-
-    def __init__(self, executor: Executor, concurrency: int, on_outcome: OutcomeSink, on_free: Callable[[], None]):
-        super().__init__(executor, concurrency, on_outcome, on_free)
+    def __init__(
+        self,
+        executor: Executor,
+        concurrency: int,
+        on_outcome: OutcomeSink,
+        on_free: Callable[[], None],
+        limiter: RateLimiter | None = None,
+    ):
+        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
         self._queue: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
         self._runners: list[_Runner] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         for _ in range(concurrency):
             self._spawn_runner()
-        self._watchdog = threading.Thread(target=self._watch, name="taskpg-watchdog", daemon=True)
-        self._watchdog.start()
 
     def _spawn_runner(self) -> None:
         runner = _Runner(thread=threading.Thread(target=lambda: self._run(runner), daemon=True))
@@ -175,7 +216,56 @@ class ThreadPool(Pool):
                 continue
 
     def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
-        prepared = self.executor.prepare(job)
+        raise NotImplementedError
+
+    def take_unstarted(self) -> list[ClaimedJob]:
+        taken: list[ClaimedJob] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                taken.append(job)
+        with self._lock:
+            self._in_flight -= len(taken)
+        return taken
+
+    def running(self) -> list[ClaimedJob]:
+        jobs = []
+        for runner in self._runners:
+            with runner.lock:
+                if runner.current is not None and not runner.current.abandoned:
+                    jobs.append(runner.current.call.job)
+        return jobs
+
+    def close(self) -> None:
+        self._stopping.set()
+        for _ in self._runners:
+            self._queue.put(None)
+
+
+class ThreadPool(_RunnerPool):
+    """Runner threads run sync tasks; ``async def`` tasks go to one shared event loop. A watchdog
+    thread enforces time limits."""
+
+    kind = "threads"
+
+    def __init__(
+        self,
+        executor: Executor,
+        concurrency: int,
+        on_outcome: OutcomeSink,
+        on_free: Callable[[], None],
+        limiter: RateLimiter | None = None,
+    ):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
+        self._watchdog = threading.Thread(target=self._watch, name="taskpg-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
+        prepared = self.prepare(job)
         if isinstance(prepared, Outcome):
             self._finished(prepared)
             return
@@ -238,31 +328,8 @@ class ThreadPool(Pool):
         self._finished(self.executor.conclude(running.call, exc=exc), running.started)
         self._spawn_runner()
 
-    def take_unstarted(self) -> list[ClaimedJob]:
-        taken: list[ClaimedJob] = []
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                taken.append(job)
-        with self._lock:
-            self._in_flight -= len(taken)
-        return taken
-
-    def running(self) -> list[ClaimedJob]:
-        jobs = []
-        for runner in self._runners:
-            with runner.lock:
-                if runner.current is not None and not runner.current.abandoned:
-                    jobs.append(runner.current.call.job)
-        return jobs
-
     def close(self) -> None:
-        self._stopping.set()
-        for _ in self._runners:
-            self._queue.put(None)
+        super().close()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
@@ -286,8 +353,15 @@ class AsyncPool(Pool):
 
     kind = "async"
 
-    def __init__(self, executor: Executor, concurrency: int, on_outcome: OutcomeSink, on_free: Callable[[], None]):
-        super().__init__(executor, concurrency, on_outcome, on_free)
+    def __init__(
+        self,
+        executor: Executor,
+        concurrency: int,
+        on_outcome: OutcomeSink,
+        on_free: Callable[[], None],
+        limiter: RateLimiter | None = None,
+    ):
+        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
         self._loop = _start_loop_thread()
         self._queue: asyncio.Queue[ClaimedJob | None] = asyncio.run_coroutine_threadsafe(
             _make_queue(), self._loop
@@ -305,10 +379,9 @@ class AsyncPool(Pool):
             job = await self._queue.get()
             if job is None:
                 return
-            if self.executor.is_limited(job):  # the rate-limit decision does I/O: keep it off the loop
-                prepared = await asyncio.to_thread(self.executor.prepare, job)
-            else:
-                prepared = self.executor.prepare(job)
+            prepared = self.executor.prepare(job)
+            if isinstance(prepared, Call) and self.needs_admission(prepared):
+                prepared = await asyncio.to_thread(self.admit, prepared)  # it does I/O: keep it off the loop
             if isinstance(prepared, Outcome):
                 self._finished(prepared)
                 continue
@@ -366,10 +439,11 @@ async def _make_queue() -> asyncio.Queue[ClaimedJob | None]:
 # -- processes ---------------------------------------------------------------------------------
 
 
-class ProcessPool(ThreadPool):
+class ProcessPool(_RunnerPool):
     """Each runner thread drives one child process (spawned, importing the task modules).
 
-    The child enforces ``soft_time_limit`` with SIGALRM; the parent kills a child that passes
+    The parent prepares the job (registration, arguments, rate limits) and sends the decoded call;
+    the child enforces ``soft_time_limit`` with SIGALRM; the parent kills a child that passes
     ``time_limit`` and starts a new one, so hard limits are exact.
     """
 
@@ -382,18 +456,16 @@ class ProcessPool(ThreadPool):
         on_outcome: OutcomeSink,
         on_free: Callable[[], None],
         modules: list[str],
+        limiter: RateLimiter | None = None,
     ):
         self._modules = modules
         self._children: dict[int, _Child] = {}
-        super().__init__(executor, concurrency, on_outcome, on_free)
+        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
         for runner in self._runners:  # start the children now: their imports take a while
             self._children.setdefault(id(runner), _Child(modules, executor))
 
-    def _watch(self) -> None:
-        """Children enforce their own limits; nothing to watch in this process."""
-
     def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
-        prepared = self.executor.prepare(job)  # checks registration and arguments before the child
+        prepared = self.prepare(job)  # checks registration, arguments and rate limits before the child
         if isinstance(prepared, Outcome):
             self._finished(prepared)
             return
@@ -447,7 +519,7 @@ class _Child:
         limit = call.task.options.time_limit
         try:
             self._wait_ready()
-            self._conn.send(call.job)
+            self._conn.send((call.job, call.request))
             if self._conn.poll(limit):
                 outcome: Outcome = self._conn.recv()
                 return outcome
@@ -475,15 +547,15 @@ class _Child:
 def _child_main(conn: Connection, modules: list[str], worker_id: str | None, max_payload: int) -> None:
     """Child process: import the task modules, then run the jobs the parent sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
-    tasks: dict[str, Task[Any, Any]] = {}
+    tasks = TaskRegistry()
     for name in modules:
         module = importlib.import_module(name)
         for value in vars(module).values():
             if isinstance(value, Task):
                 tasks.update(value.app.tasks)
-            elif isinstance(value, TaskPG):  # an app whose tasks live in modules it imported
+            elif isinstance(getattr(value, "tasks", None), TaskRegistry):  # an app whose tasks live elsewhere
                 tasks.update(value.tasks)
-    executor = Executor(TaskRegistry(tasks), worker_id, max_payload)
+    executor = Executor(tasks, worker_id, max_payload)
 
     def on_alarm(signum: int, frame: Any) -> None:
         raise SoftTimeLimitExceeded("soft time limit exceeded")
@@ -491,10 +563,10 @@ def _child_main(conn: Connection, modules: list[str], worker_id: str | None, max
     signal.signal(signal.SIGALRM, on_alarm)
     conn.send("ready")
     while True:
-        job = conn.recv()
-        if job is None:
+        sent: tuple[ClaimedJob, Request] | None = conn.recv()
+        if sent is None:
             return
-        prepared = executor.prepare(job)
+        prepared = executor.adopt(*sent)  # the parent decoded and checked the arguments already
         if isinstance(prepared, Outcome):
             conn.send(prepared)
             continue
@@ -518,14 +590,15 @@ def make_pool(
     on_outcome: OutcomeSink,
     on_free: Callable[[], None],
     modules: list[str] | None = None,
+    limiter: RateLimiter | None = None,
 ) -> Pool:
     """Build the pool named by ``--pool``."""
     if kind == "threads":
-        return ThreadPool(executor, concurrency, on_outcome, on_free)
+        return ThreadPool(executor, concurrency, on_outcome, on_free, limiter)
     if kind == "async":
-        return AsyncPool(executor, concurrency, on_outcome, on_free)
+        return AsyncPool(executor, concurrency, on_outcome, on_free, limiter)
     if kind == "processes":
         if not modules:
             raise ValueError("the processes pool needs the importable module(s) that define the tasks (-A)")
-        return ProcessPool(executor, concurrency, on_outcome, on_free, modules)
-    raise ValueError(f"unknown pool {kind!r}: expected threads, processes or async")
+        return ProcessPool(executor, concurrency, on_outcome, on_free, modules, limiter)
+    raise ValueError(f"unknown pool {kind!r}: expected one of {', '.join(POOL_CHOICES)}")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import failures
 from .exceptions import TaskError, TaskRevoked, TimeoutError
-from .job import FINISHED_STATES, JobState, Status, status_of
-from .ops import inspect_job, validate_job_id
+from .job import FINISHED_STATES, JobRecord, JobState, Status, status_of, validate_job_id
 
 if TYPE_CHECKING:
     from .app import TaskPG
+    from .store import Store
 
 # get() waits on LISTEN/NOTIFY; this re-check only guards against a missed notification.
 SAFETY_RECHECK_SECONDS = 5.0
@@ -36,20 +38,21 @@ class AsyncResult:
     def __hash__(self) -> int:
         return hash(self.id)
 
-    def _row(self, conn: Any = None) -> dict[str, Any] | None:
+    def _row(self, store: Store | None = None) -> JobRecord | None:
         if self.throttled:  # a throttle turned the call away: it behaves as a job revoked at once
-            return {"id": self.id, "state": JobState.CANCELLED.value, "attempt": 0, "errors": [], "result": None}
-        return inspect_job(self.app.db, self.id, conn)
+            return _turned_away(self.id, self.task_name)
+        return (store or self.app.store).get_job(self.id)
 
     def info(self) -> dict[str, Any] | None:
         """The job row as a dict (None if no such job exists)."""
-        return self._row()
+        row = self._row()
+        return None if row is None else dataclasses.asdict(row)
 
     @property
     def status(self) -> str:
         """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
         row = self._row()
-        return Status.PENDING.value if row is None else status_of(row["state"], row["attempt"]).value
+        return Status.PENDING.value if row is None else status_of(row.state, row.attempt).value
 
     state = status
 
@@ -67,7 +70,7 @@ class AsyncResult:
     def result(self) -> Any:
         """The return value once succeeded, the exception once failed or revoked, else None."""
         row = self._row()
-        if row is None or JobState(row["state"]) not in FINISHED_STATES:
+        if row is None or JobState(row.state) not in FINISHED_STATES:
             return None
         return self._outcome(row, propagate=False)
 
@@ -75,7 +78,7 @@ class AsyncResult:
     def traceback(self) -> str | None:
         """The traceback of the last failed attempt, if any."""
         row = self._row()
-        return row["errors"][-1].get("traceback") if row and row["errors"] else None
+        return row.errors[-1].get("traceback") if row and row.errors else None
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
         """Wait until the job finishes and return its result.
@@ -85,38 +88,39 @@ class AsyncResult:
         ``taskpg.TimeoutError`` when ``timeout`` seconds pass first.
         """
         if self.throttled:
-            return self._outcome(self._row() or {}, propagate)
+            return self._outcome(_turned_away(self.id, self.task_name), propagate)
         deadline = None if timeout is None else time.monotonic() + timeout
-        db = self.app.db
-        with db.connection() as conn:
-            conn.execute(db.queries.listen(db.queries.done_channel))
-            try:
-                row = self._wait(conn, deadline, timeout)
-            finally:
-                conn.execute("UNLISTEN *")
-        return self._outcome(row, propagate)
 
-    def _wait(self, conn: Any, deadline: float | None, timeout: float | None) -> dict[str, Any]:
+        def wait(store: Store) -> JobRecord:
+            store.listen_for_finished()
+            try:
+                return self._wait(store, deadline, timeout)
+            finally:
+                store.unlisten()
+
+        return self._outcome(self.app.store.run(wait), propagate)
+
+    def _wait(self, store: Store, deadline: float | None, timeout: float | None) -> JobRecord:
         while True:
             # LISTEN is already active, so a completion after this read still wakes us.
-            row = self._row(conn)
-            if row is not None and JobState(row["state"]) in FINISHED_STATES:
+            row = self._row(store)
+            if row is not None and JobState(row.state) in FINISHED_STATES:
                 return row
             remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
-            for note in conn.notifies(timeout=min(remaining, SAFETY_RECHECK_SECONDS)):
-                if self.id in note.payload.split(","):
+            for payload in store.notifications(min(remaining, SAFETY_RECHECK_SECONDS)):
+                if self.id in payload.split(","):
                     break
 
-    def _outcome(self, row: dict[str, Any], propagate: bool) -> Any:
-        if row["state"] == JobState.SUCCEEDED:
-            return row["result"]
-        if row["state"] == JobState.CANCELLED:
+    def _outcome(self, row: JobRecord, propagate: bool) -> Any:
+        if row.state == JobState.SUCCEEDED:
+            return row.result
+        if row.state == JobState.CANCELLED:
             reason = "was turned away by its throttle" if self.throttled else "was revoked"
             exc: BaseException = TaskRevoked(f"job {self.id} {reason}")
         else:
-            exc = errors.rebuild(row["errors"][-1]) if row["errors"] else TaskError(f"job {self.id} is dead")
+            exc = failures.rebuild(row.errors[-1]) if row.errors else TaskError(f"job {self.id} is dead")
         if propagate:
             raise exc
         return exc
@@ -125,9 +129,28 @@ class AsyncResult:
         """Cancel the job if it has not started; True if it was cancelled by this call."""
         if self.throttled:
             return False
-        db = self.app.db
-        with db.connection() as conn:
-            rows = conn.execute(
-                db.queries.revoke_job, {"id": self.id, "done_channel": db.queries.done_channel}
-            ).fetchall()
-        return bool(rows)
+        return self.app.store.revoke(self.id)
+
+
+def _turned_away(job_id: str, task: str | None) -> JobRecord:
+    """What a handle of a call a throttle turned away reports: a job revoked at once, never written."""
+    epoch = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+    return JobRecord(
+        id=job_id,
+        task=task or "",
+        queue="",
+        state=JobState.CANCELLED.value,
+        attempt=0,
+        max_attempts=0,
+        snoozes=0,
+        priority=0,
+        args=[],
+        kwargs={},
+        result=None,
+        errors=[],
+        run_at=epoch,
+        created_at=epoch,
+        started_at=None,
+        finished_at=None,
+        worker_id=None,
+    )

@@ -11,14 +11,19 @@ never reused and the planner never gets statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from psycopg import sql
+from .job import JobState
 
-from .broker import Database
+if TYPE_CHECKING:
+    from .store import Store
 
 HOUR = 3600.0
 DAY = 24 * HOUR
 BATCH = 10_000
+#: How long fired periodic ticks are kept (the newest of each schedule always stays).
+TICKS_KEPT = 7 * DAY
+PRUNED_STATES = (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -31,49 +36,44 @@ class Retention:
     max_count: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("succeeded", "dead", "cancelled"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"retention {name} must be >= 0 seconds")
+        for state in PRUNED_STATES:
+            if self.age(state) < 0:
+                raise ValueError(f"retention {state} must be >= 0 seconds")
         if self.max_count is not None and self.max_count < 0:
             raise ValueError("retention max_count must be >= 0")
 
+    def age(self, state: JobState) -> float:
+        """Seconds a finished job in ``state`` is kept."""
+        age: float = getattr(self, state.value)
+        return age
 
-def prune(db: Database, rules: dict[str | None, Retention]) -> int:
+
+def prune(store: Store, rules: dict[str | None, Retention]) -> int:
     """Apply the rules (key None = every queue without its own rule); returns jobs deleted."""
     overridden = [queue for queue in rules if queue is not None]
     deleted = 0
-    with db.connection() as conn:
-        for queue, rule in rules.items():
-            others = [] if queue is not None else overridden
-            for state in ("succeeded", "dead", "cancelled"):
-                params = {"state": state, "queue": queue, "other_queues": others, "batch": BATCH}
-                while True:
-                    count = conn.execute(db.queries.prune_by_age, {**params, "age": getattr(rule, state)}).rowcount
-                    deleted += count
-                    if count < BATCH:
-                        break
-                while rule.max_count is not None:
-                    count = conn.execute(db.queries.prune_by_count, {**params, "keep": rule.max_count}).rowcount
-                    deleted += count
-                    if count < BATCH:
-                        break
-        conn.execute(db.queries.prune_ticks, {"age": 7 * DAY})
-        conn.execute(db.queries.prune_limits)
+
+    for queue, rule in rules.items():
+        others = [] if queue is not None else overridden
+        for state in PRUNED_STATES:
+            while True:
+                count = store.prune_by_age(state, rule.age(state), queue, others, BATCH)
+                deleted += count
+                if count < BATCH:
+                    break
+            while rule.max_count is not None:
+                count = store.prune_by_count(state, rule.max_count, queue, others, BATCH)
+                deleted += count
+                if count < BATCH:
+                    break
+    store.prune_ticks(TICKS_KEPT)
+    store.prune_limits()
     return deleted
 
 
-def autovacuum_active(db: Database) -> bool:
-    """Whether autovacuum looks after the jobs table (server setting, statistics, table option)."""
-    table = sql.Identifier(db.queries.schema, "jobs").as_string()
-    with db.connection() as conn:
-        row = conn.execute(db.queries.autovacuum_active, {"table": table}).fetchone()
-    return bool(row and row[0])
-
-
-def vacuum_unless_autovacuum(db: Database) -> bool:
+def vacuum_unless_autovacuum(store: Store) -> bool:
     """``VACUUM (ANALYZE)`` the jobs table when autovacuum does not; True when it ran."""
-    if autovacuum_active(db):
+    if store.autovacuum_active():
         return False
-    with db.connection() as conn:  # autocommit: VACUUM cannot run inside a transaction
-        conn.execute(db.queries.vacuum_jobs)
+    store.vacuum_jobs()
     return True

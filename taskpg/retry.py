@@ -9,12 +9,16 @@ value ("full jitter", as Celery does). ``retry_policy`` takes any tenacity wait 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import tenacity
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 DEFAULT_RETRY_DELAY = 180.0  # Celery's default_retry_delay, used by self.retry() without countdown
+DEFAULT_BACKOFF_MAX = 600.0  # Celery's retry_backoff_max
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,7 @@ class RetryPolicy:
     """How long to wait before attempt ``n + 1`` after attempt ``n`` failed."""
 
     backoff: float | None = None  # base seconds for exponential backoff; None = fixed delay
-    backoff_max: float = 600.0
+    backoff_max: float = DEFAULT_BACKOFF_MAX
     jitter: bool = True
     default_delay: float = DEFAULT_RETRY_DELAY
     wait: Callable[[tenacity.RetryCallState], float] | None = None  # a tenacity wait strategy

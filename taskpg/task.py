@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
-import datetime as dt
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 
-from . import codec
-from .broker import caller_connection
-from .enqueue import Guard, JobBatch, NewJob, Row, copy_batch, insert_job, insert_jobs
-from .exceptions import ConfigurationError, Retry, SerializationError, Snooze
-from .job import job_id_sequence, new_job_id
-from .limits import Throttle, render_key, unique_key_for
+from . import codec, guards
+from .connections import caller_connection
+from .enqueue import copy_batch, insert_job, insert_jobs
+from .exceptions import ConfigurationError, NotRegistered, Retry, SerializationError, Snooze
+from .job import JobBatch, NewJob, Row, job_id_sequence, new_job_id
 from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
 from .result import AsyncResult
 
 if TYPE_CHECKING:
-    import psycopg
+    import datetime as dt
 
     from .app import TaskPG
+    from .guards import Guard, Planned
+    from .store import Store
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,6 +44,13 @@ class Request:
     def retries(self) -> int:
         """Celery's name: how many times this job was retried before this attempt."""
         return max(0, self.attempt - 1)
+
+
+class TaskRegistry(dict[str, "Task[Any, Any]"]):
+    """Task name -> Task. A missing name raises ``NotRegistered``."""
+
+    def __missing__(self, name: str) -> Task[Any, Any]:
+        raise NotRegistered(name)
 
 
 _current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("taskpg_request", default=None)
@@ -81,11 +87,11 @@ class Task(Generic[P, R]):
 
     def retry(
         self, countdown: float | None = None, exc: BaseException | None = None, max_retries: int | None = None
-    ) -> Retry:
+    ) -> NoReturn:
         """Ask for another attempt; raises ``Retry`` (Celery: ``raise self.retry(exc=e)`` works too)."""
         raise Retry(countdown=countdown, exc=exc, max_retries=max_retries)
 
-    def snooze(self, seconds: float) -> Snooze:
+    def snooze(self, seconds: float) -> NoReturn:
         """Run again after ``seconds`` without spending an attempt; raises ``Snooze``."""
         raise Snooze(seconds)
 
@@ -115,14 +121,20 @@ class Task(Generic[P, R]):
         written in the caller's transaction and exists only if that transaction commits.
         ``via="buffer"`` pushes it onto the Redis buffer instead (one round trip; see docs/buffer.md).
         """
-        job, guard = self._prepare(args or (), kwargs or {}, countdown, eta, queue, priority)
+        planned = self.build_job(args or (), kwargs, countdown=countdown, eta=eta, queue=queue, priority=priority)
+        job, guard = planned.job, planned.guard
         if self._through_buffer(via, session, connection, guard):
-            holder: str | None = self.app.buffer.push(job, _unique_key(job, guard), self.options.unique_for, guard)
+            holder: str | None = self.app.buffer.push(job, planned.dedupe_key, self.options.unique_for, guard)
         else:
-            holder = insert_job(self.app.db, job, caller_connection(session, connection), guard, self.app.announce)
+            holder = insert_job(self._store(session, connection), job, guard, self.app.announce)
         if holder is None:
             return AsyncResult(self.app, job.id, self.name, throttled=True)
         return AsyncResult(self.app, holder, self.name)
+
+    def _store(self, session: Any, connection: Any) -> Store:
+        """The app's store, bound to the caller's connection when one is given."""
+        target = caller_connection(session, connection)
+        return self.app.store if target is None else self.app.store.on(target)
 
     def _through_buffer(self, via: str | None, session: Any, connection: Any, guard: Guard | None) -> bool:
         chosen = via or self.options.via or self.app.default_via
@@ -155,36 +167,32 @@ class Task(Generic[P, R]):
         or a unique key are written row by row in one transaction instead of by COPY: the id of a
         call that collided is the existing job's, and None marks a call a throttle turned away.
         """
-        target = caller_connection(session, connection)
+        store = self._store(session, connection)
         guarded = self.options.throttle is not None or self.options.unique_key is not None
         if not guarded and not self._through_buffer(via, session, connection, None):
-            return self._copy_many(calls, countdown, eta, queue, priority, target)
+            return self._copy_many(calls, countdown, eta, queue, priority, store)
 
-        ids: list[str | None] = []
-        guards: list[Guard | None] = []
+        planned: list[Planned] = []
 
         def jobs() -> Iterator[NewJob]:
             for index, call in enumerate(calls):
                 args, kwargs = _split_call(index, call)
                 try:
-                    job, guard = self._prepare(args, kwargs, countdown, eta, queue, priority)
+                    one = self.build_job(args, kwargs, countdown=countdown, eta=eta, queue=queue, priority=priority)
                 except SerializationError as exc:
                     raise _item_error(index, exc) from exc
-                ids.append(job.id)
-                guards.append(guard)
-                yield job
+                planned.append(one)
+                yield one.job
 
         if self._through_buffer(via, session, connection, self._sample_guard()):
             if guarded:
-                batch = list(jobs())
+                list(jobs())
                 unique_for = self.options.unique_for
-                return [
-                    self.app.buffer.push(j, _unique_key(j, g), unique_for, g)
-                    for j, g in zip(batch, guards, strict=True)
-                ]
+                return [self.app.buffer.push(p.job, p.dedupe_key, unique_for, p.guard) for p in planned]
             self.app.buffer.push_many(jobs())
-            return ids
-        return insert_jobs(self.app.db, list(jobs()), guards, target, self.app.announce)
+            return [p.job.id for p in planned]
+        batch = list(jobs())
+        return insert_jobs(store, batch, [p.guard for p in planned], self.app.announce)
 
     def _copy_many(
         self,
@@ -193,7 +201,7 @@ class Task(Generic[P, R]):
         eta: dt.datetime | None,
         queue: str | None,
         priority: int | None,
-        target: psycopg.Connection[Any] | None,
+        store: Store,
     ) -> list[str | None]:
         """delay_many's fast path (no throttle, no unique key, straight to Postgres): the options are
         checked once for the batch, ids are made in bulk, and rows stream into one COPY."""
@@ -208,7 +216,7 @@ class Task(Generic[P, R]):
             eta=eta,
             countdown=float(countdown or 0.0),
         )
-        copy_batch(self.app.db, batch, target, self.app.announce)
+        copy_batch(store, batch, self.app.announce)
         return ids
 
     def _rows(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]], ids: list[str | None]) -> Iterator[Row]:
@@ -230,18 +238,21 @@ class Task(Generic[P, R]):
         """Whether calls of this task carry a throttle (for routing; the key does not matter)."""
         if self.options.throttle is None:
             return None
-        return Guard(self.name, throttle=Throttle("", self.options.throttle, False))
+        return guards.Guard(self.name, throttle=guards.Throttle("", self.options.throttle, False))
 
-    def _prepare(
+    def build_job(
         self,
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any],
-        countdown: float | None,
-        eta: dt.datetime | None,
-        queue: str | None,
-        priority: int | None,
-    ) -> tuple[NewJob, Guard | None]:
-        """The job for one call, with the throttle and unique-key checks it needs at enqueue."""
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+    ) -> Planned:
+        """The job one call would write (arguments encoded, options checked), with the throttle and
+        unique-key checks its enqueue must make; nothing is written. ``apply_async`` and beat use it."""
+        kwargs = kwargs or {}
         args_json, kwargs_json = self._encode(args, kwargs)
         _check_timing(countdown, eta)
         job = NewJob(
@@ -255,18 +266,7 @@ class Task(Generic[P, R]):
             eta=eta,
             countdown=float(countdown or 0.0),
         )
-        options = self.options
-        unique = unique_key_for(self, args, kwargs)
-        throttle = None
-        if options.throttle_key is not None and options.throttle is not None:
-            key = render_key(options.throttle_key, self, args, kwargs, "throttle_key")
-            throttle = Throttle(key, options.throttle, options.throttle_mode == "defer")
-        if unique is not None and options.unique_for is None:
-            job = dataclasses.replace(job, unique_key=unique)
-            unique = None
-        if throttle is None and unique is None:
-            return job, None
-        return job, Guard(self.name, throttle=throttle, unique_for_key=unique, unique_for=options.unique_for)
+        return guards.plan(job, self.fn, self.options, args, kwargs)
 
     def _queue(self, queue: str | None) -> str:
         return self.options.queue if queue is None else validate_queue_name(queue)
@@ -301,11 +301,6 @@ def _split_call(index: int, call: Sequence[Any] | Mapping[str, Any]) -> tuple[Se
 def _item_error(index: int, exc: SerializationError) -> SerializationError:
     """The same error, saying which delay_many item it is about."""
     return SerializationError(f"delay_many item {index}: {exc}")
-
-
-def _unique_key(job: NewJob, guard: Guard | None) -> str | None:
-    """The key a buffered push is deduplicated on: the job's own, or its ``unique_for`` key."""
-    return job.unique_key or (guard.unique_for_key if guard is not None else None)
 
 
 @contextlib.contextmanager

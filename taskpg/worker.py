@@ -2,10 +2,11 @@
 
 One fetch loop per worker process. It sleeps until LISTEN/NOTIFY says a queue it serves has work,
 a pool slot frees up, or the poll interval passes (the safety net), then claims as many jobs as
-it has room for. Scheduled jobs that came due are promoted by the same loop every
-``stage_interval``. Shutdown: stop claiming, hand back claimed-but-unstarted jobs at once, let
-running jobs finish within ``grace`` seconds; a second signal (or the end of the grace period)
-puts the still-running jobs back and exits.
+it has room for. Around it run the worker's background loops (``loops.BackgroundLoop``): the
+listener, the stager (promotes due scheduled jobs every ``stage_interval``), the heartbeat (and
+rescue), the completer (writes outcomes) and, with Redis, the buffer's flusher. Shutdown: stop
+claiming, hand back claimed-but-unstarted jobs at once, let running jobs finish within ``grace``
+seconds; a second signal (or the end of the grace period) puts the still-running jobs back and exits.
 """
 
 from __future__ import annotations
@@ -14,30 +15,34 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-
-from .broker import connect
 from .completer import Completer
-from .executor import Call, ClaimedJob, Executor, Outcome, error_record
-from .flusher import start_background as start_flusher
+from .connections import reconnecting
+from .executor import Executor
+from .flusher import Flusher
 from .heartbeat import Heartbeat
-from .limits import RateLimiter, claim_capped
+from .limiter import RateLimiter
 from .listener import Listener
 from .options import validate_queue_name
 from .pools import Pool, make_pool
-from .reconnect import reconnecting
+from .stager import Stager
+from .store import WorkerInfo
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from types import FrameType
+
     from .app import TaskPG
+    from .job import ClaimedJob, Outcome
+
 
 logger = logging.getLogger("taskpg.worker")
 
@@ -48,9 +53,6 @@ PREFETCH_MULTIPLIER = 4  # default buffer: 4 jobs per slot, as Celery's worker_p
 BUFFERED_WORK_SECONDS = 0.02
 AUTO_PREFETCH_MAX = 256
 CAP_RECHECK = 0.05  # seconds between claims while a capped queue is full
-#: Set on the connection that runs the claim and the stager: without fresh statistics the planner
-#: may trade the claim's ordered index walk for a bitmap scan plus a sort of every available job.
-CLAIM_SESSION = "SET enable_bitmapscan = off"
 
 
 @dataclass
@@ -103,8 +105,10 @@ class Worker:
     """Runs jobs of the given queues until stopped. ``run()`` blocks and returns an exit code."""
 
     def __init__(self, app: TaskPG, settings: WorkerSettings | None = None, **options: Any) -> None:
-        self.app = app
         self.settings = settings or WorkerSettings(**options)
+        self.store = app.store
+        self.tasks = app.tasks
+        self.queues = app.queues  # queue limits: concurrency caps and rate limits
         self.id = f"{uuid.uuid4()}"
         self._stop = threading.Event()  # stop claiming
         self._abort = threading.Event()  # stop waiting for running jobs
@@ -113,19 +117,20 @@ class Worker:
         self._at_cap = False  # the last claim was held back by a queue's concurrency cap
         self._held: dict[str, str] = {}  # job id -> lease, claimed and not yet written back
         self._held_lock = threading.Lock()
-        self._conn: psycopg.Connection[Any] | None = None
-        limited = frozenset(q.name for q in app.queues.values() if q.rate_limit is not None)
-        self._limiter: RateLimiter | None = None
-        self.executor = Executor(app.tasks, self.id, app.max_payload_bytes, self._admit, limited)
+        self._claims = self.store.dedicated("claims", for_claims=True)
+        self.limiter = RateLimiter.build(self.store, self.queues, app.redis_url)
+        self.executor = Executor(self.tasks, self.id, app.max_payload_bytes)
+        self.flusher = Flusher(app) if self.settings.flush_buffer and app.redis_url is not None else None
         self.completer: Completer | None = None
         self.pool: Pool | None = None
         self.started = threading.Event()
-        self._listener: Listener
+        self.listener = Listener(self.store, self.settings.queues, self._wake_for_work, self._stop)
+        self.stager = Stager(self.store, self.settings.stage_interval, self._wake_for_work, self._stop)
 
     @property
     def listening(self) -> threading.Event:
         """Set while the LISTEN connection is up (cleared during a reconnect)."""
-        return self._listener.connected
+        return self.listener.connected
 
     @contextlib.contextmanager
     def in_background(self, timeout: float = 30.0) -> Iterator[Worker]:
@@ -185,31 +190,22 @@ class Worker:
     def run(self) -> int:
         """Work until stopped; returns 0 after a clean stop, 1 if running jobs had to be put back."""
         s = self.settings
-        db = self.app.db
-        db.check_schema()
+        self.store.check_schema()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        self.completer = Completer(db, self.app.tasks, on_written=self._forget)
-        self.pool = make_pool(s.pool, self.executor, s.concurrency, self._on_outcome, self._on_free, s.modules)
+        self.completer = Completer(self.store, self.tasks, on_written=self._forget)
+        self.pool = make_pool(
+            s.pool, self.executor, s.concurrency, self._on_outcome, self._on_free, s.modules, self.limiter
+        )
+        info = WorkerInfo(self.id, socket.gethostname(), os.getpid(), list(s.queues), s.concurrency)
         heartbeat = Heartbeat(
-            self.app.tasks,
-            db,
-            self.id,
-            s.queues,
-            s.concurrency,
-            s.heartbeat_interval,
-            s.rescue_after,
-            self._held_ids,
-            self._stop,
+            self.store, self.tasks, info, s.heartbeat_interval, s.rescue_after, self._held_ids, self._stop
         )
         heartbeat.start()
-        listener = self._listener = Listener(
-            db.dsn, db.queries.listen(db.queries.jobs_channel), set(s.queues), self._wake_for_work, self._stop
-        )
-        listener.start()
-        if s.flush_buffer and self.app.redis_url is not None:
-            start_flusher(self.app, self._stop)
+        loops = [self.listener, self.stager, *([self.flusher] if self.flusher else [])]
+        for loop in loops:
+            loop.start()
         logger.info(
             "worker %s ready: queues=%s concurrency=%d pool=%s", self.id, ",".join(s.queues), s.concurrency, s.pool
         )
@@ -217,28 +213,26 @@ class Worker:
         try:
             self._fetch_loop()
         finally:
+            if self.flusher is not None:
+                self.flusher.stop()
             code = self._shutdown()
-            listener.join(5)
-            heartbeat.join(5)
+            for loop in [*loops, heartbeat]:
+                loop.join(5)
             heartbeat.unregister()
         return code
 
     def _fetch_loop(self) -> None:
         s = self.settings
-        last_claim = last_stage = 0.0
+        last_claim = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now - last_stage >= s.stage_interval:
-                if self._db_call(self._promote_due):
-                    self._wanted = True
-                last_stage = now
             assert self.pool is not None
             room = self._room()  # when outcome writes slow down, claiming slows down too
             # Refill in batches: wait until a batch worth of room is free (one slot when prefetch=0).
             if room >= self._refill_at() and (self._wanted or now - last_claim >= s.poll_interval):
                 self._wanted = False  # a NOTIFY arriving during the claim sets it again
                 asked = min(room, s.max_claim)
-                jobs = self._db_call(functools.partial(self._claim, asked))
+                jobs = self._claiming(functools.partial(self._claim, asked))
                 last_claim = now
                 if jobs:
                     self.pool.submit(jobs)
@@ -249,64 +243,38 @@ class Worker:
                 self._wanted = True
                 self._wake.wait(CAP_RECHECK)
             else:
-                self._wake.wait(min(s.stage_interval, s.poll_interval))
+                self._wake.wait(s.poll_interval)
             self._wake.clear()
 
-    def _db_call(self, work: Any) -> Any:
-        def reset() -> None:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
-
+    def _claiming(self, work: Callable[[], list[ClaimedJob]]) -> list[ClaimedJob]:
+        """A claim, retried across lost connections until it succeeds or the worker stops."""
         try:
-            return reconnecting(work, "claiming jobs", reset, self._stop)
+            return reconnecting(work, "claiming jobs", self._claims.reset, self._stop)
         except Exception:
             if self._stop.is_set():
                 return []
             raise
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = connect(self.app.db.dsn)
-            # This connection runs only the claim and the stager. Without fresh statistics the planner may
-            # trade the claim's ordered index walk for a bitmap scan plus a sort of every available job
-            # (measured: 2.7 ms -> 18 ms per claim); keep the walk that stops at LIMIT.
-            self._conn.execute(CLAIM_SESSION)
-        return self._conn
-
     def _claim(self, limit: int) -> list[ClaimedJob]:
-        db, conn = self.app.db, self._connection()
-        capped = [self.app.queues[q] for q in self.settings.queues if self._capped(q)]
+        store = self.store.on(self._claims.conn)
+        capped = [self.queues[q] for q in self.settings.queues if self._capped(q)]
         free = [q for q in self.settings.queues if not self._capped(q)]
-        rows = []
-        if free:
-            rows = conn.execute(
-                db.queries.claim_jobs, {"queues": free, "limit": limit, "worker_id": self.id}
-            ).fetchall()
+        jobs = store.claim(free, limit, self.id) if free else []
         self._at_cap = False
         for queue in capped:
-            if len(rows) < limit:
-                claimed, at_cap = claim_capped(db, conn, queue, limit - len(rows), self.id)
-                rows += claimed
-                self._at_cap = self._at_cap or at_cap
-        jobs = sorted((ClaimedJob(*row) for row in rows), key=lambda j: (-j.priority, j.run_at, j.id))
+            if len(jobs) < limit:
+                assert queue.concurrency is not None
+                claimed = store.claim_capped(queue.name, queue.concurrency, limit - len(jobs), self.id)
+                jobs += claimed.jobs
+                self._at_cap = self._at_cap or claimed.at_cap
+        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))  # RETURNING keeps no order
         with self._held_lock:
             self._held.update((job.id, job.lease) for job in jobs)
         return jobs
 
-    def _admit(self, call: Call) -> float:
-        if self._limiter is None:
-            self._limiter = RateLimiter(self.app)
-        return self._limiter.admit(call.task, call.request.args, call.request.kwargs, call.job.queue)
-
     def _capped(self, queue: str) -> bool:
-        options = self.app.queues.get(queue)
+        options = self.queues.get(queue)
         return options is not None and options.concurrency is not None
-
-    def _promote_due(self) -> int:
-        q = self.app.db.queries
-        row = self._connection().execute(q.promote_due, {"limit": 10_000, "channel": q.jobs_channel}).fetchone()
-        return int(row[0]) if row else 0
 
     def _held_ids(self) -> list[str]:
         with self._held_lock:
@@ -329,7 +297,7 @@ class Worker:
         assert self.pool is not None and self.completer is not None
         unstarted = self.pool.take_unstarted()
         for job in unstarted:
-            self._on_outcome(Outcome(job, "available", refund=1))
+            self._on_outcome(self.executor.handed_back(job))
         if unstarted:
             logger.warning("handed back %d claimed job(s) that had not started", len(unstarted))
         deadline = time.monotonic() + self.settings.grace
@@ -342,12 +310,10 @@ class Worker:
             code = 1
             logger.warning("putting back %d job(s) still running at shutdown", len(still_running))
             for job in still_running:
-                error = error_record(job, "WorkerShutdown", "the worker stopped before the job finished", self.id)
-                state = "dead" if job.attempt >= job.max_attempts else "available"
-                self._on_outcome(Outcome(job, state, error=error))
+                reason = "the worker stopped before the job finished"
+                self._on_outcome(self.executor.failed(job, "WorkerShutdown", reason))
         self.completer.close()
         self.pool.close()
-        if self._conn is not None:
-            self._conn.close()
+        self._claims.close()
         logger.info("worker %s stopped", self.id)
         return code

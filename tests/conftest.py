@@ -9,15 +9,17 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
 from taskpg import TaskPG, embedded, migrate
 from taskpg.worker import Worker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -109,13 +111,16 @@ def run_worker() -> Callable[..., RunningWorker]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """The Redis the tests use (TASKPG_TEST_REDIS_URL, else the local server); skips when none answers."""
+    """The Redis the tests use (TASKPG_TEST_REDIS_URL, else the local server); skips when none answers,
+    fails instead when TASKPG_REQUIRE_REDIS is set (as ``.ci/run`` does)."""
     import redis
 
     url = os.environ.get("TASKPG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except redis.ConnectionError:
+        if os.environ.get("TASKPG_REQUIRE_REDIS"):  # CI: a test that needs Redis must run, not skip
+            pytest.fail(f"TASKPG_REQUIRE_REDIS is set and no Redis answers at {url}")
         pytest.skip(f"no Redis at {url}")
     return url
 
@@ -132,3 +137,14 @@ def buffered_app(pg_dsn: str, migrated_schema: str, redis_url: str) -> Iterator[
     keys = list(client.scan_iter(f"taskpg:{migrated_schema}:*"))
     if keys:
         client.delete(*keys)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With TASKPG_NO_SKIPS set (``.ci/run`` sets it), a skipped test is a failed test: in CI a test
+    that did not run because something is missing must turn the run red."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if os.environ.get("TASKPG_NO_SKIPS") and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but TASKPG_NO_SKIPS is set: {report.longrepr}"

@@ -11,14 +11,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
 
 from taskpg import ConfigurationError, TaskPG
 from taskpg.beat import Beat
 from taskpg.periodic import Schedule
+
+if TYPE_CHECKING:
+    import psycopg
 
 UTC = dt.timezone.utc
 TESTS = Path(__file__).resolve().parent
@@ -157,7 +159,7 @@ def test_only_the_leader_fires(app: TaskPG, db: psycopg.Connection) -> None:
     first, second = Beat(app), Beat(app)
     assert first.lead() is True
     assert second.lead() is False
-    first._connection().close()  # the leader's session ends; its backend frees the lock as it exits
+    first.reset_connection()  # the leader's session ends; its backend frees the lock as it exits
     deadline = time.monotonic() + 5
     while not second.lead():
         assert time.monotonic() < deadline, "the lock was not released"
@@ -249,7 +251,7 @@ def test_retention_prunes_by_age_count_and_queue(app: TaskPG, db: psycopg.Connec
     finished("available", "default", 0)  # not finished: never pruned, whatever its age
     app.set_retention("audit", succeeded=30 * DAY)
     app.set_retention("chatty", max_count=4)
-    assert prune(app.db, app.retention) == 3 + 1 + 6
+    assert prune(app.store, app.retention) == 3 + 1 + 6
     left = dict(db.execute(f"SELECT queue || ':' || state, count(*) FROM \"{app.schema}\".jobs GROUP BY 1").fetchall())
     assert left == {
         "default:succeeded": 2,
@@ -262,13 +264,12 @@ def test_retention_prunes_by_age_count_and_queue(app: TaskPG, db: psycopg.Connec
 
 def test_maintenance_vacuums_the_jobs_table_when_autovacuum_does_not(app: TaskPG, db: psycopg.Connection) -> None:
     from taskpg.beat import Beat
-    from taskpg.retention import autovacuum_active
 
     server_on = db.execute("SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool")
-    assert autovacuum_active(app.db) == server_on.fetchone()[0]  # type: ignore[index]
+    assert app.store.autovacuum_active() == server_on.fetchone()[0]  # type: ignore[index]
     # Turned off on the table itself: never active, whatever the server says.
     db.execute(f'ALTER TABLE "{app.schema}".jobs SET (autovacuum_enabled = false)')
-    assert autovacuum_active(app.db) is False
+    assert app.store.autovacuum_active() is False
     db.execute(
         f'INSERT INTO "{app.schema}".jobs (id, task, queue, state, finished_at) '
         "SELECT gen_random_uuid(), 't', 'default', 'succeeded', now() - interval '2 days' FROM generate_series(1, 500)"

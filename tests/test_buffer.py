@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import logging
 import subprocess
-import threading
 import time
 from typing import Any
 
@@ -203,17 +202,15 @@ def test_flusher_thread_stops_cleanly(buffered_app: TaskPG, db: psycopg.Connecti
     def noop() -> None:
         return None
 
-    stop = threading.Event()
     flusher = Flusher(buffered_app, interval=0.1)
-    thread = threading.Thread(target=flusher.run, args=(stop,))
-    thread.start()
+    flusher.start()
     noop.delay_many([()] * 500, via="buffer")
     deadline = time.monotonic() + 10
     while job_count(db, buffered_app)[0] < 500 and time.monotonic() < deadline:
         time.sleep(0.05)
-    stop.set()
-    thread.join(5)
-    assert not thread.is_alive()
+    flusher.stop()
+    flusher.join(5)
+    assert not flusher.running
     assert job_count(db, buffered_app) == (500, 500)
     assert not flusher.redis.exists(flusher.lock)  # released on the way out
 

@@ -9,9 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -21,6 +20,9 @@ from taskpg import TaskPG, migrate
 from taskpg.buffer import buffer_key
 from taskpg.embedded import LocalCluster, _local_binaries
 from taskpg.flusher import Flusher
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
@@ -195,7 +197,7 @@ def test_postgres_down_during_a_flush(redis_url: str, tmp_path_factory: pytest.T
     schema = f"t_flush_{os.getpid()}"
     migrate.upgrade(dsn, schema)
     app = TaskPG(dsn, schema=schema, redis_url=redis_url)
-    app.db.connect_timeout = 1
+    app.store.connections.connect_timeout = 1
 
     @app.task
     def item(n: int) -> None:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from taskpg import TaskPG
 from taskpg.cli import main
 from taskpg.schema import SCHEMA_REVISION
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import psycopg
+
+    from taskpg import TaskPG
 
 
 @pytest.fixture

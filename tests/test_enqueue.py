@@ -6,13 +6,15 @@ import datetime as dt
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
 from taskpg import ConfigurationError, SerializationError, TaskPG
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 def job_row(db: psycopg.Connection, schema: str, job_id: str) -> dict[str, Any]:
@@ -240,7 +242,7 @@ def test_notify_once_per_transaction_not_per_row(app: TaskPG, pg_dsn: str) -> No
     seen: list[str] = []
     ready, stop = threading.Event(), threading.Event()
     listener = threading.Thread(
-        target=collect_notifications, args=(pg_dsn, app.db.queries.jobs_channel, ready, stop, seen)
+        target=collect_notifications, args=(pg_dsn, app.store.q.jobs_channel, ready, stop, seen)
     )
     listener.start()
     ready.wait(5)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
-import psycopg
 from example_runner import run_example
+
+if TYPE_CHECKING:
+    import psycopg
 
 UTC = dt.timezone.utc
 

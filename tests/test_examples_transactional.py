@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import psycopg
+from typing import TYPE_CHECKING
+
 from example_runner import run_example
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def test_transactional_example(pg_dsn: str, schema: str, db: psycopg.Connection) -> None:

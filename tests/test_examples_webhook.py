@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import psycopg
+from typing import TYPE_CHECKING
+
 import redis
 from example_runner import run_example
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def test_webhook_receiver_example(pg_dsn: str, schema: str, redis_url: str, db: psycopg.Connection) -> None:

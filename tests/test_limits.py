@@ -7,13 +7,15 @@ import multiprocessing
 import re
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
 from taskpg import ConfigurationError, TaskPG
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # -- throttles -----------------------------------------------------------------------------------------
 

@@ -6,16 +6,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from taskpg import SchemaNotReady, TaskPG, migrate
-from taskpg.dsn import sqlalchemy_engine
+from taskpg.connections import sqlalchemy_engine
 from taskpg.schema import SCHEMA_REVISION, build_metadata
+
+if TYPE_CHECKING:
+    import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -13,6 +12,9 @@ import pytest
 from taskpg import ConfigurationError, TaskPG
 from taskpg.notifier import APPLICATION_NAME
 from taskpg.sql import Queries
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 WINDOW = 0.05
 

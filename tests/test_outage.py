@@ -7,15 +7,17 @@ so the shared server is never disturbed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
 from taskpg import DatabaseUnavailable, TaskPG, migrate
 from taskpg.embedded import LocalCluster, _local_binaries
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,7 +74,7 @@ def test_worker_survives_a_postgres_restart_and_listen_recovers(cluster: LocalCl
 def test_enqueue_while_postgres_is_down_raises_and_writes_nothing(cluster: LocalCluster) -> None:
     migrate.upgrade(cluster.dsn, "taskpg")
     app = TaskPG(cluster.dsn)
-    app.db.connect_timeout = 2
+    app.store.connections.connect_timeout = 2
 
     @app.task
     def echo(x: int) -> int:

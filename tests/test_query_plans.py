@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
-from taskpg import TaskPG
+    from taskpg import TaskPG
 
 
 def plan(db: psycopg.Connection, statement: str, params: dict[str, object]) -> str:
@@ -29,14 +31,14 @@ def fill(db: psycopg.Connection, app: TaskPG, rows: int = 30_000) -> None:
 
 def test_claim_uses_the_partial_claim_index(app: TaskPG, db: psycopg.Connection) -> None:
     fill(db, app)
-    text = plan(db, app.db.queries.claim_jobs, {"queues": ["default"], "limit": 100, "worker_id": "w"})
+    text = plan(db, app.store.q.claim_jobs, {"queues": ["default"], "limit": 100, "worker_id": "w"})
     assert "jobs_claim_idx" in text
     assert '"Node Type": "Seq Scan"' not in text
 
 
 def test_stager_and_finish_use_their_indexes(app: TaskPG, db: psycopg.Connection) -> None:
     fill(db, app)
-    q = app.db.queries
+    q = app.store.q
     staged = plan(db, q.promote_due, {"limit": 1000, "channel": q.jobs_channel})
     assert "jobs_scheduled_idx" in staged and '"Node Type": "Seq Scan"' not in staged
     ids = [r[0] for r in db.execute(f'SELECT id::text FROM "{app.schema}".jobs LIMIT 200').fetchall()]

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
 
 from taskpg import TaskPG, TaskRevoked, TimeoutError
-from taskpg.errors import describe
 from taskpg.exceptions import TaskError
+from taskpg.failures import from_exception
 from taskpg.result import SAFETY_RECHECK_SECONDS
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def finish(
@@ -33,7 +35,7 @@ def finish(
         "finished_at = now() WHERE id = %s",
         (state, attempt, json.dumps(result), errors, job_id),
     )
-    db.execute("SELECT pg_notify(%s, %s)", (app.db.queries.done_channel, job_id))
+    db.execute("SELECT pg_notify(%s, %s)", (app.store.q.done_channel, job_id))
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def test_get_raises_the_task_error_with_type_and_message(app: TaskPG, noop, db: 
     try:
         raise ValueError("card declined")
     except ValueError as exc:
-        finish(db, app, handle.id, "dead", error=describe(exc, attempt=1))
+        finish(db, app, handle.id, "dead", error=from_exception(exc, attempt=1))
     with pytest.raises(ValueError, match="card declined") as caught:
         handle.get(timeout=5)
     assert "raise ValueError" in caught.value.remote_traceback  # type: ignore[attr-defined]

@@ -8,13 +8,15 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
 
 from taskpg import Reject, Snooze, SoftTimeLimitExceeded, TaskPG, TimeLimitExceeded
 from taskpg.exceptions import TaskError
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def row(db: psycopg.Connection, app: TaskPG, job_id: str) -> dict[str, Any]:
@@ -335,25 +337,25 @@ def test_hard_time_limit_in_threads_fails_and_retries_the_attempt(
 
 
 def test_late_outcome_from_a_lost_lease_changes_nothing(app: TaskPG, db: psycopg.Connection) -> None:
-    from taskpg.completer import write
-    from taskpg.executor import ClaimedJob, Outcome
+    from taskpg.completer import write_outcomes
+    from taskpg.job import JobState, Outcome
 
     @app.task
     def work() -> None:
         return None
 
     handle = work.delay()
-    claim = app.db.queries.claim_jobs
-    params = {"queues": ["default"], "limit": 1, "worker_id": "old"}
-    first = ClaimedJob(*db.execute(claim, params).fetchone())  # type: ignore[misc]
+    store = app.store.on(db)
+    (first,) = store.claim(["default"], 1, "old")
     # The old worker went silent; the job was rescued and claimed again by another worker.
     db.execute(f"UPDATE \"{app.schema}\".jobs SET state = 'available' WHERE id = %s", (handle.id,))
-    second = ClaimedJob(*db.execute(claim, {**params, "worker_id": "new"}).fetchone())  # type: ignore[misc]
+    (second,) = store.claim(["default"], 1, "new")
     assert first.lease != second.lease
-    assert write(app.db, db, [Outcome(first, "succeeded", result='"late"')], app.tasks) == []
+    assert write_outcomes(store, [Outcome(first, JobState.SUCCEEDED, result='"late"')], app.tasks) == []
     assert row(db, app, handle.id)["state"] == "running"
-    assert write(app.db, db, [Outcome(second, "succeeded", result='"fresh"')], app.tasks) == [handle.id]
-    assert write(app.db, db, [Outcome(second, "available", refund=1)], app.tasks) == []  # finished stays finished
+    assert write_outcomes(store, [Outcome(second, JobState.SUCCEEDED, result='"fresh"')], app.tasks) == [handle.id]
+    # A finished job stays finished.
+    assert write_outcomes(store, [Outcome(second, JobState.AVAILABLE, refund=1)], app.tasks) == []
     stored = row(db, app, handle.id)
     assert (stored["state"], stored["result"]) == ("succeeded", "fresh")
 
@@ -364,9 +366,7 @@ def test_rescue_returns_jobs_of_a_silent_worker(app: TaskPG, run_worker: Any, db
         return "done"
 
     handle = work.delay()
-    db.execute(
-        app.db.queries.claim_jobs, {"queues": ["default"], "limit": 1, "worker_id": "gone-worker"}
-    )  # claimed by a worker that never heartbeats again
+    app.store.claim(["default"], 1, "gone-worker")  # claimed by a worker that never heartbeats again
     with run_worker(app, heartbeat_interval=0.2, rescue_after=1.0):
         assert handle.get(timeout=10) == "done"
     stored = row(db, app, handle.id)

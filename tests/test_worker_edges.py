@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from taskpg import TaskPG
 from taskpg.heartbeat import Heartbeat
+from taskpg.store import WorkerInfo
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def job_row(db: psycopg.Connection, app: TaskPG, job_id: str) -> dict[str, Any]:
@@ -106,8 +107,9 @@ def test_rescue_waits_a_rescue_period_and_routes_jobs_that_died(app: TaskPG, db:
         return None
 
     handle = fragile.delay()
-    db.execute(app.db.queries.claim_jobs, {"queues": ["default"], "limit": 1, "worker_id": "vanished"})
-    beat = Heartbeat(app.tasks, app.db, "rescuer", ["default"], 1, 0.1, 1.0, lambda: [], threading.Event())
+    app.store.claim(["default"], 1, "vanished")
+    me = WorkerInfo("rescuer", "host", 1, ["default"], 1)
+    beat = Heartbeat(app.store, app.tasks, me, 0.1, 1.0, lambda: [])
     beat.beat()
     assert beat.rescue() == 0  # just came in touch: give other workers a rescue period to heartbeat
     time.sleep(1.1)

@@ -14,18 +14,21 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import proc_tasks
-import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 import taskpg
 from taskpg import Task, TaskPG
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    import psycopg
 
 pytestmark = pytest.mark.slow
 

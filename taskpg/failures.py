@@ -1,4 +1,13 @@
-"""Failures as stored data, and back: recording a task's exception, rebuilding it for ``get()``.
+"""Failures as stored data, and back: the one builder of failure records, and rebuilding them for ``get()``.
+
+A failure record is the JSON object appended to a job's ``errors`` array for one failed attempt::
+
+    {"attempt": 2, "type": "ValueError", "module": "builtins", "message": "...", "traceback": "...",
+     "worker": "<worker id>", "at": "2026-01-01T08:00:00+00:00"}
+
+Every record comes from ``record`` (failures taskpg itself decides: unknown task, time limit, lost
+worker, rejected envelope...) or ``from_exception`` (a task's own exception); the rescue statement
+completes ``sql_template`` with the row's attempt, worker and time.
 
 Rebuilding never imports anything named by stored data (see Celery's CVE-2021-23727): a builtin
 exception type is rebuilt as itself, a class already imported by this process is used if its
@@ -15,27 +24,59 @@ import sys
 import traceback
 from typing import Any
 
+from . import codec
 from .exceptions import TaskError
+
+#: The module named by failures that taskpg records itself (no user exception behind them).
+TASKPG_MODULE = "taskpg.exceptions"
 
 _rebuilt_classes: dict[tuple[str, str], type[TaskError]] = {}
 
 
-def describe(
-    exc: BaseException, attempt: int, worker_id: str | None = None, *, with_traceback: bool = True
+def record(
+    error_type: str,
+    message: str,
+    attempt: int,
+    worker: str | None = None,
+    *,
+    module: str = TASKPG_MODULE,
+    traceback_text: str | None = None,
+    at: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """The JSON record of one failed attempt."""
-    cls = type(exc)
+    """The record of one failed attempt."""
     return {
         "attempt": attempt,
-        "type": cls.__qualname__,
-        "module": cls.__module__,
-        "message": _storable(str(exc)),
-        "traceback": _storable("".join(traceback.format_exception(cls, exc, exc.__traceback__)))
-        if with_traceback
-        else None,
-        "worker": worker_id,
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "type": error_type,
+        "module": module,
+        "message": _storable(message),
+        "traceback": None if traceback_text is None else _storable(traceback_text),
+        "worker": worker,
+        "at": (at or dt.datetime.now(dt.timezone.utc)).isoformat(),
     }
+
+
+def from_exception(
+    exc: BaseException, attempt: int, worker: str | None = None, *, with_traceback: bool = True
+) -> dict[str, Any]:
+    """The record of an attempt that raised ``exc``."""
+    cls = type(exc)
+    return record(
+        cls.__qualname__,
+        str(exc),
+        attempt,
+        worker,
+        module=cls.__module__,
+        traceback_text="".join(traceback.format_exception(cls, exc, exc.__traceback__)) if with_traceback else None,
+    )
+
+
+def sql_template(error_type: str, message: str) -> str:
+    """The fixed part of a record built in SQL, as JSON text: the statement adds the row's
+    ``attempt``, ``worker`` and ``at`` (see RESCUE_JOBS)."""
+    fixed = record(error_type, message, 0)
+    for key in ("attempt", "worker", "at"):
+        del fixed[key]
+    return codec.dumps(fixed)
 
 
 def _storable(text: str) -> str:

@@ -1,0 +1,42 @@
+"""The stager: every ``interval`` seconds, make scheduled jobs whose time has come available.
+
+Every worker runs one; the statement skips rows another stager holds (``FOR UPDATE SKIP LOCKED``),
+so several never wait on each other. Promoted jobs wake their queues' workers by NOTIFY, and
+``on_promoted`` tells this worker's fetch loop at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .loops import BackgroundLoop
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable
+
+    from .store import Store
+
+#: Most jobs promoted by one statement.
+PROMOTE_BATCH = 10_000
+
+
+class Stager(BackgroundLoop):
+    def __init__(
+        self,
+        store: Store,
+        interval: float,
+        on_promoted: Callable[[], None],
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        # The claim's planner setting: the promote walks jobs_scheduled_idx in run_at order too.
+        super().__init__("stager", store, connection="stager", for_claims=True, stop_event=stop_event)
+        self.interval = interval
+        self.on_promoted = on_promoted
+
+    def step(self) -> float:
+        promoted = self.own.promote_due(PROMOTE_BATCH)
+        if promoted:
+            self.on_promoted()
+            self.signals.emit("promoted")
+        return 0.0 if promoted == PROMOTE_BATCH else self.interval

@@ -1,0 +1,593 @@
+"""The store: the one place where taskpg runs statements.
+
+Every statement of ``sql.py`` has a method here (or shares one with the statements it always runs
+with), taking and returning the records of ``job.py`` or the small dataclasses below; no caller
+binds a parameter dict or unpacks a row. The rest of taskpg never sees SQL: it decides *what* to
+do, the store says it to Postgres (procrastinate's ``manager.py``, River's driver interface).
+
+A ``Store`` runs its statements either on the app's pool (each call takes a pooled connection and is
+tried once more after a lost connection: ``Connections.run``) or on one connection it is bound to
+with ``store.on(conn)``: a caller's transaction, or a loop's dedicated connection, whose owner
+handles reconnects. ``store.run(work)`` and ``store.transaction()`` give ``work`` one connection
+for several statements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from psycopg import errors as pg_errors
+from psycopg import sql as pg_sql
+
+from . import codec, failures
+from .connections import Conn, Connections, Dedicated, atomic
+from .dsn import redact
+from .exceptions import SchemaNotReady
+from .job import ClaimedJob, JobBatch, JobRecord, JobState, NewJob, Outcome, Row
+from .schema import SCHEMA_REVISION
+from .sql import CLAIM_SESSION, Queries
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+    from .rates import Rate
+
+T = TypeVar("T")
+
+#: Finished ids per done-channel notification: 200 UUIDs stay under NOTIFY's 8000-byte payload limit.
+ANNOUNCE_CHUNK = 200
+#: Rows per ``Copy.write``: big enough to make the call cheap, small enough to overlap with Postgres.
+COPY_CHUNK = 1000
+#: The failure recorded on jobs rescued from a worker that stopped heartbeating.
+WORKER_LOST = failures.sql_template("WorkerLost", "the worker running this attempt stopped heartbeating")
+
+
+# -- what the statements return ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """One INSERT_JOB: whether the row was new, and whether it is due now."""
+
+    inserted: bool
+    due: bool
+
+
+@dataclass(frozen=True)
+class ThrottleSlot:
+    """A place taken in a throttle window."""
+
+    window_start: dt.datetime
+    in_future: bool  # a window after the current one (a deferred call)
+
+
+@dataclass(frozen=True)
+class Copied:
+    count: int
+    due: bool  # the batch is due now (its queue should be woken)
+
+
+@dataclass(frozen=True)
+class CappedClaim:
+    jobs: list[ClaimedJob]
+    at_cap: bool  # the queue's concurrency cap, not the asked limit, bounded the claim
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What FINISH_JOBS changed."""
+
+    changed: list[str]  # ids whose outcome was written (lease still held)
+    finished: list[str]  # of those, the ones that ended (succeeded or dead)
+    woken: list[str]  # queues that got a job back as available
+
+
+@dataclass(frozen=True)
+class Rescued:
+    count: int
+    dead: list[str]  # ids that were out of attempts and went dead
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker says about itself in its heartbeat."""
+
+    id: str
+    hostname: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    id: str
+    hostname: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+    alive: bool
+
+
+@dataclass(frozen=True)
+class RateGrant:
+    """A rate-limit decision: a start granted at ``granted_at``, or none and ``wait`` seconds to go."""
+
+    granted_at: dt.datetime | None
+    wait: float
+
+
+@dataclass(frozen=True)
+class TickState:
+    schedule: str
+    last_tick: dt.datetime  # the newest tick handled (fired, or the mark of first sight)
+    last_fired: dt.datetime | None  # the newest tick that made a job
+
+
+@dataclass(frozen=True)
+class DeadJob:
+    id: str
+    task: str
+    queue: str
+    attempts: int
+    died_at: dt.datetime | None
+    error_type: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True)
+class LimitCounts:
+    throttled: int  # calls turned away by throttles (windows still kept)
+    snoozed: int  # snoozes of jobs still kept
+
+
+class _Shared:
+    """What every Store of one app shares: the connections, the statements, the schema check."""
+
+    def __init__(self, connections: Connections, queries: Queries) -> None:
+        self.connections = connections
+        self.queries = queries
+        self.schema_checked = False
+        self.lock = threading.Lock()
+
+
+class Store:
+    """Typed methods over the statements of ``sql.py`` for one schema."""
+
+    def __init__(self, connections: Connections, schema: str, *, _shared: _Shared | None = None) -> None:
+        self._shared = _shared or _Shared(connections, Queries(schema))
+        self._conn: Conn | None = None
+        self.q = self._shared.queries
+
+    # -- where statements run --------------------------------------------------------------------
+
+    @property
+    def connections(self) -> Connections:
+        return self._shared.connections
+
+    @property
+    def schema(self) -> str:
+        return self.q.schema
+
+    @property
+    def bound(self) -> bool:
+        """Whether statements run on one given connection (``on``) rather than on the pool."""
+        return self._conn is not None
+
+    def on(self, conn: Conn) -> Store:
+        """This store, running every statement on ``conn`` (the caller's or a loop's connection)."""
+        bound = Store(self._shared.connections, self.q.schema, _shared=self._shared)
+        bound._conn = conn
+        return bound
+
+    def dedicated(self, name: str, *, for_claims: bool = False) -> Dedicated:
+        """A connection of its own for one loop; ``for_claims`` adds the claim's planner setting."""
+        return self.connections.dedicated(name, (CLAIM_SESSION,) if for_claims else ())
+
+    def run(self, work: Callable[[Store], T], can_retry: Callable[[], bool] = lambda: True) -> T:
+        """``work`` with a store bound to one connection: this store's, or a pooled one (tried once
+        more after a lost connection while ``can_retry()`` says the work may be repeated)."""
+        self.check_schema()
+        if self._conn is not None:
+            return work(self)
+        return self.connections.run(lambda conn: work(self.on(conn)), can_retry)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """A block of statements that commit together (a savepoint inside a caller's transaction)."""
+        self.check_schema()
+        if self._conn is not None:
+            with atomic(self._conn):
+                yield self
+            return
+        with self.connections.pooled() as conn, atomic(conn):
+            yield self.on(conn)
+
+    def _one(self, statement: str, params: Mapping[str, Any] | None = None) -> tuple[Any, ...] | None:
+        return self.run(lambda s: s._bound().execute(statement, params).fetchone())
+
+    def _all(self, statement: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.run(lambda s: s._bound().execute(statement, params).fetchall())
+
+    def _count(self, statement: str, params: Mapping[str, Any] | None = None) -> int:
+        return self.run(lambda s: s._bound().execute(statement, params).rowcount)
+
+    def _bound(self) -> Conn:
+        assert self._conn is not None, "a statement ran on a store bound to no connection"
+        return self._conn
+
+    # -- schema ----------------------------------------------------------------------------------
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision of the schema, or None when taskpg was never migrated there."""
+        try:
+            with self.connections.direct() as conn:
+                row = conn.execute(self.q.schema_version).fetchone()
+        except pg_errors.UndefinedTable:
+            return None
+        return None if row is None else str(row[0])
+
+    def check_schema(self) -> None:
+        """Fail clearly when the database is not migrated to the revision this code needs (once)."""
+        if self._shared.schema_checked:
+            return
+        with self._shared.lock:
+            if self._shared.schema_checked:
+                return
+            found = self.schema_revision()
+            if found != SCHEMA_REVISION:
+                state = "is not migrated" if found is None else f"is at revision {found}"
+                raise SchemaNotReady(
+                    f"taskpg schema {self.schema!r} in {redact(self.connections.dsn)} {state}; this taskpg "
+                    f"needs revision {SCHEMA_REVISION}: run `taskpg migrate` (or `alembic upgrade head`)"
+                )
+            self._shared.schema_checked = True
+
+    # -- enqueue ---------------------------------------------------------------------------------
+
+    def insert_job(self, job: NewJob, notify: bool) -> Inserted:
+        """INSERT_JOB; ``notify`` wakes the queue's workers inside this transaction."""
+        params = {
+            "id": job.id,
+            "task": job.task,
+            "queue": job.queue,
+            "args": job.args,
+            "kwargs": job.kwargs,
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            "eta": job.eta,
+            "countdown": job.countdown,
+            "unique_key": job.unique_key,
+            "not_before": job.not_before,
+            "channel": self.q.jobs_channel,
+            "notify": notify,
+        }
+        row = self._one(self.q.insert_job, params)
+        return Inserted(row is not None and row[0] == 1, row is not None and row[1] > 0)
+
+    def active_unique(self, keys: Sequence[str]) -> dict[str, str]:
+        """unique key -> id of the unfinished job holding it."""
+        return {key: job_id for key, job_id in self._all(self.q.active_unique, {"keys": list(keys)})}
+
+    def take_unique_lock(self, key: str, job_id: str, seconds: float) -> str:
+        """``unique_for``: the id of the job that holds the key (``job_id`` itself when it got it)."""
+        row = self._one(self.q.take_unique_lock, {"key": key, "job_id": job_id, "seconds": seconds})
+        assert row is not None
+        return str(row[0])
+
+    def release_unique_lock(self, key: str, job_id: str) -> None:
+        self._count(self.q.release_unique_lock, {"key": key, "job_id": job_id})
+
+    def throttle_admit(self, task: str, key: str, rate: Rate, ahead: int) -> ThrottleSlot | None:
+        """A place in the window ``ahead`` windows after the current one, or None when it is full."""
+        params = {"task": task, "key": key, "period": rate.seconds, "limit": rate.count, "ahead": ahead}
+        row = self._one(self.q.throttle_admit, params)
+        return None if row is None else ThrottleSlot(row[0], bool(row[1]))
+
+    def throttle_rejected(self, task: str, key: str, rate: Rate) -> None:
+        """Count a call the throttle turned away."""
+        self._count(self.q.throttle_rejected, {"task": task, "key": key, "period": rate.seconds})
+
+    def copy_batch(self, batch: JobBatch, rows: Iterable[Row], run_at_default: bool) -> Copied:
+        """COPY a batch as text lines. ``run_at_default``: a batch due now whose run_at may be the
+        column's default, the start of this (the app's own) transaction.
+
+        The lines are built here rather than by ``Copy.write_row``: the columns shared by the batch are
+        formatted once, and the only text that needs COPY escaping is the JSON, whose only special
+        character is the backslash (JSON encoders escape tabs, newlines and other control characters).
+        """
+        if run_at_default and batch.eta is None and not batch.countdown:
+            statement, due, shared = self.q.copy_jobs_due_now, True, JobState.AVAILABLE.value
+        else:  # run_at from the database clock, as for a single enqueue (or the eta as given)
+            now = self.db_now()
+            run_at = batch.eta or now + dt.timedelta(seconds=batch.countdown)
+            due = run_at <= now
+            state = JobState.AVAILABLE if due else JobState.SCHEDULED
+            statement, shared = self.q.copy_jobs, f"{state}\t{run_at.isoformat()}"
+        tail = f"\t{batch.task}\t{batch.queue}\t{batch.priority}\t{batch.max_attempts}\t{shared}\n"
+        count = 0
+        lines: list[str] = []
+        with self._bound().cursor() as cur, cur.copy(statement) as copy:
+            for job_id, args, kwargs in rows:
+                lines.append(f"{job_id}\t{_copy_text(args)}\t{_copy_text(kwargs)}{tail}")
+                if len(lines) == COPY_CHUNK:
+                    copy.write("".join(lines))
+                    count += COPY_CHUNK
+                    lines.clear()
+            copy.write("".join(lines))
+        return Copied(count + len(lines), due)
+
+    def copy_staged(self, jobs: Iterable[NewJob], dead_reasons: Mapping[str, str]) -> int:
+        """Insert jobs that may already be in the table: COPY into a temporary staging table, then
+        ``INSERT ... ON CONFLICT DO NOTHING`` (wakes the queues of new due jobs). Jobs named in
+        ``dead_reasons`` are stored dead with an ``EnvelopeRejected`` failure. Returns how many were
+        new. Run it inside ``transaction()``: the staging table empties at commit."""
+        conn = self._bound()
+        conn.execute(self.q.create_staging)
+        now = self.db_now()
+        with conn.cursor() as cur, cur.copy(self.q.copy_staging) as copy:
+            for job in jobs:
+                run_at = job.eta or now + dt.timedelta(seconds=job.countdown)
+                state = JobState.SCHEDULED if run_at > now else JobState.AVAILABLE
+                errors, finished_at = "[]", None
+                reason = dead_reasons.get(job.id)
+                if reason is not None:
+                    state, finished_at = JobState.DEAD, now
+                    errors = codec.dumps([failures.record("EnvelopeRejected", reason, 0, at=now)])
+                values = (job.id, job.task, job.queue, job.args, job.kwargs, job.priority, job.max_attempts)
+                copy.write_row((*values, state.value, run_at, job.unique_key, errors, finished_at))
+        row = conn.execute(self.q.insert_from_staging, {"channel": self.q.jobs_channel}).fetchone()
+        return int(row[0]) if row else 0
+
+    def notify_queues(self, queues: Sequence[str]) -> None:
+        """Wake the workers of these queues (inside this transaction)."""
+        self._all(self.q.notify_queues, {"channel": self.q.jobs_channel, "queues": list(queues)})
+
+    def db_now(self) -> dt.datetime:
+        """The database clock."""
+        row = self._one(self.q.db_now)
+        assert row is not None
+        now: dt.datetime = row[0]
+        return now
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._one(self.q.get_job, {"id": job_id})
+        return None if row is None else JobRecord(*row)
+
+    def revoke(self, job_id: str) -> bool:
+        """Cancel a job that has not started; True when this call cancelled it."""
+        return bool(self._all(self.q.revoke_job, {"id": job_id, "done_channel": self.q.done_channel}))
+
+    def listen_for_jobs(self) -> None:
+        """LISTEN on the channel announcing new due jobs (payload: the queue)."""
+        self._count(self.q.listen(self.q.jobs_channel))
+
+    def listen_for_finished(self) -> None:
+        """LISTEN on the channel announcing finished jobs (payload: comma-separated ids)."""
+        self._count(self.q.listen(self.q.done_channel))
+
+    def unlisten(self) -> None:
+        self._count("UNLISTEN *")
+
+    def notifications(self, timeout: float) -> Iterator[str]:
+        """Payloads of notifications on the LISTENed channels as they arrive, for up to ``timeout`` s."""
+        for note in self._bound().notifies(timeout=timeout):
+            yield note.payload
+
+    def ping(self) -> None:
+        """A round trip, so that a half-open connection is noticed."""
+        self._one("SELECT 1")
+
+    # -- claim and finish ------------------------------------------------------------------------
+
+    def claim(self, queues: Sequence[str], limit: int, worker_id: str) -> list[ClaimedJob]:
+        rows = self._all(self.q.claim_jobs, {"queues": list(queues), "limit": limit, "worker_id": worker_id})
+        return [ClaimedJob(*row) for row in rows]
+
+    def claim_capped(self, queue: str, cap: int, limit: int, worker_id: str) -> CappedClaim:
+        """Claim from a queue with a global concurrency cap: under the queue's advisory lock, count
+        its running jobs and claim only what the cap leaves."""
+
+        def work(s: Store) -> CappedClaim:
+            with s.transaction():
+                conn = s._bound()
+                conn.execute(s.q.advisory_xact_lock, {"name": f"taskpg:{s.schema}:queue:{queue}"})
+                row = conn.execute(s.q.running_in_queue, {"queue": queue}).fetchone()
+                room = cap - int(row[0] if row else 0)
+                if room <= 0:
+                    return CappedClaim([], True)
+                return CappedClaim(s.claim([queue], min(limit, room), worker_id), room <= limit)
+
+        return self.run(work)
+
+    def finish(self, outcomes: Sequence[Outcome]) -> Finished:
+        """FINISH_JOBS for a batch (no NOTIFY: ``announce`` after the commit)."""
+        row = self._one(self.q.finish_jobs, {"outcomes": outcomes_json(outcomes)})
+        changed, finished, woken = row if row else ([], [], [])
+        return Finished(list(changed), list(finished), list(woken))
+
+    def announce(self, finished: Sequence[str], queues: Sequence[str]) -> None:
+        """Tell ``get()`` waiters about finished jobs and wake the workers of ``queues`` (after a commit)."""
+        chunks = [",".join(finished[i : i + ANNOUNCE_CHUNK]) for i in range(0, len(finished), ANNOUNCE_CHUNK)]
+        params = {
+            "payloads": chunks,
+            "queues": list(queues),
+            "done_channel": self.q.done_channel,
+            "jobs_channel": self.q.jobs_channel,
+        }
+        self._one(self.q.announce, params)
+
+    def promote_due(self, limit: int = 10_000) -> int:
+        """Make due scheduled jobs available and wake their queues; returns how many."""
+        row = self._one(self.q.promote_due, {"limit": limit, "channel": self.q.jobs_channel})
+        return int(row[0]) if row else 0
+
+    # -- workers, rescue -------------------------------------------------------------------------
+
+    def heartbeat(self, worker: WorkerInfo) -> None:
+        params = {
+            "id": worker.id,
+            "hostname": worker.hostname,
+            "pid": worker.pid,
+            "queues": worker.queues,
+            "concurrency": worker.concurrency,
+        }
+        self._count(self.q.heartbeat, params)
+
+    def delete_worker(self, worker_id: str) -> None:
+        self._count(self.q.delete_worker, {"id": worker_id})
+
+    def rescue(self, after: float) -> Rescued:
+        """Put back running jobs of workers silent for ``after`` seconds (dead when out of attempts)."""
+        params = {"after": after, "channel": self.q.jobs_channel, "error": WORKER_LOST}
+        row = self._one(self.q.rescue_jobs, params)
+        return Rescued(int(row[0]) if row else 0, [str(i) for i in (row[2] if row else None) or []])
+
+    def release_unknown(self, worker_id: str, held: Sequence[str]) -> int:
+        """Jobs the database says this worker holds but the worker does not know go back."""
+        return self._count(self.q.release_unknown, {"worker_id": worker_id, "held": list(held)})
+
+    def delete_stale_workers(self, after: float) -> None:
+        self._count(self.q.delete_stale_workers, {"after": after})
+
+    def list_workers(self, alive_within: float) -> list[WorkerRow]:
+        return [WorkerRow(*row) for row in self._all(self.q.list_workers, {"alive_within": alive_within})]
+
+    # -- rate limits -----------------------------------------------------------------------------
+
+    def rate_take(self, key: str, limit: int, window: float) -> RateGrant:
+        """Under the key's advisory lock: grant a start if fewer than ``limit`` happened in ``window`` s."""
+
+        def work(s: Store) -> RateGrant:
+            with s.transaction():
+                conn = s._bound()
+                conn.execute(s.q.advisory_xact_lock, {"name": key})
+                row = conn.execute(s.q.rate_take, {"key": key, "limit": limit, "window": window}).fetchone()
+            assert row is not None
+            return RateGrant(row[0], float(row[1] or 0.0))
+
+        return self.run(work)
+
+    def rate_release(self, key: str, granted_at: dt.datetime) -> None:
+        self._count(self.q.rate_release, {"key": key, "at": granted_at})
+
+    # -- periodic schedules ----------------------------------------------------------------------
+
+    def try_lead(self, key: str) -> bool:
+        """Take beat's session-level leader lock on this connection, if free."""
+        row = self._one(self.q.try_beat_leader, {"key": key})
+        return bool(row and row[0])
+
+    def last_ticks(self, schedules: Sequence[str]) -> list[TickState]:
+        return [TickState(*row) for row in self._all(self.q.last_ticks, {"schedules": list(schedules)})]
+
+    def claim_tick(self, schedule: str, tick: dt.datetime, job_id: str | None) -> bool:
+        """Insert (schedule, tick); True for the one claimant the primary key lets in."""
+        return self._one(self.q.claim_tick, {"schedule": schedule, "tick": tick, "job_id": job_id}) is not None
+
+    def set_tick_job(self, schedule: str, tick: dt.datetime, job_id: str | None) -> None:
+        self._count(self.q.set_tick_job, {"schedule": schedule, "tick": tick, "job_id": job_id})
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def prune_by_age(self, state: JobState, age: float, queue: str | None, others: Sequence[str], batch: int) -> int:
+        """Delete up to ``batch`` jobs in ``state`` finished over ``age`` s ago (of ``queue``, or of
+        every queue but ``others``)."""
+        params = {"state": state.value, "age": age, "queue": queue, "other_queues": list(others), "batch": batch}
+        return self._count(self.q.prune_by_age, params)
+
+    def prune_by_count(self, state: JobState, keep: int, queue: str | None, others: Sequence[str], batch: int) -> int:
+        """Delete up to ``batch`` jobs in ``state`` beyond the newest ``keep`` per queue."""
+        params = {"state": state.value, "keep": keep, "queue": queue, "other_queues": list(others), "batch": batch}
+        return self._count(self.q.prune_by_count, params)
+
+    def prune_ticks(self, age: float) -> None:
+        self._count(self.q.prune_ticks, {"age": age})
+
+    def prune_limits(self) -> None:
+        """Drop throttle windows, unique locks and rate events that have run out."""
+        self._one(self.q.prune_limits)
+
+    def autovacuum_active(self) -> bool:
+        """Whether autovacuum looks after the jobs table (server setting, statistics, table option)."""
+        table = pg_sql.Identifier(self.schema, "jobs").as_string()
+        row = self._one(self.q.autovacuum_active, {"table": table})
+        return bool(row and row[0])
+
+    def vacuum_jobs(self) -> None:
+        """VACUUM (ANALYZE) the jobs table (on an autocommit connection: not inside a transaction)."""
+        self._count(self.q.vacuum_jobs)
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def job_counts(self) -> dict[str, dict[str, int]]:
+        """queue -> state -> number of jobs."""
+        counts: dict[str, dict[str, int]] = {}
+        for queue, state, count in self._all(self.q.job_counts):
+            counts.setdefault(queue, {})[state] = int(count)
+        return counts
+
+    def limit_counts(self) -> dict[str, LimitCounts]:
+        """task -> calls turned away by throttles and snoozes of kept jobs."""
+        rows = self._all(self.q.task_limit_stats)
+        return {task: LimitCounts(int(throttled), int(snoozed)) for task, throttled, snoozed in rows}
+
+    def dead_list(self, queue: str | None, task: str | None, limit: int) -> list[DeadJob]:
+        """Dead jobs, newest first, with the last error of each."""
+        return [DeadJob(*row) for row in self._all(self.q.dead_list, {"queue": queue, "task": task, "limit": limit})]
+
+    def dead_retry(self, ids: Sequence[str] | None, queue: str | None, task: str | None) -> int:
+        """Make dead jobs available again with fresh attempts; returns how many."""
+        params = {
+            "ids": None if ids is None else list(ids),
+            "queue": queue,
+            "task": task,
+            "channel": self.q.jobs_channel,
+        }
+        row = self._one(self.q.dead_retry, params)
+        return int(row[0]) if row else 0
+
+    def dead_purge(self, older_than: float, queue: str | None, task: str | None) -> int:
+        return self._count(self.q.dead_purge, {"older_than": older_than, "queue": queue, "task": task})
+
+    def copy_to_queue(self, job_id: str, new_id: str, queue: str) -> None:
+        """A copy of a job, error history included, as a new available job in ``queue``."""
+        params = {"id": job_id, "new_id": new_id, "queue": queue, "channel": self.q.jobs_channel}
+        self._all(self.q.copy_to_queue, params)
+
+
+def outcomes_json(batch: Sequence[Outcome]) -> str:
+    """The batch as the JSON array ``FINISH_JOBS`` reads: keys with default values are left out.
+
+    Built as text: ids, leases and states are plain ASCII, results and errors are JSON already.
+    """
+    items = []
+    for outcome in batch:
+        job = outcome.job
+        item = f'{{"id":"{job.id}","lease":"{job.lease}","state":"{outcome.state.value}"'
+        if outcome.result is not None:
+            item += f',"result":{outcome.result}'
+        if outcome.error is not None:
+            item += f',"error":{json.dumps(outcome.error, default=str)}'
+        if outcome.delay:
+            item += f',"delay":{float(outcome.delay)!r}'
+        if outcome.refund:
+            item += f',"refund":{int(outcome.refund)}'
+        if outcome.snoozed:
+            item += f',"snoozed":{int(outcome.snoozed)}'
+        items.append(item + "}")
+    return "[" + ",".join(items) + "]"
+
+
+def _copy_text(json_text: str) -> str:
+    """JSON text as a field of COPY's text format (task and queue names never need escaping)."""
+    return json_text.replace("\\", "\\\\")
