@@ -30,7 +30,7 @@ from .retention import prune, vacuum_unless_autovacuum
 if TYPE_CHECKING:
     from types import FrameType
 
-    from .app import TaskPG
+    from .parts import AppParts
     from .periodic import Schedule
     from .retention import Retention
     from .store import Store
@@ -59,7 +59,7 @@ class Beat(BackgroundLoop):
 
     def __init__(
         self,
-        app: TaskPG,
+        app: AppParts,
         *,
         clock: Clock = utc_now,
         interval: float = 0.25,

@@ -28,6 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from .dsn import libpq_dsn, redact
 from .exceptions import ConfigurationError, DatabaseUnavailable
+from .sql import PING
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -297,7 +298,7 @@ def atomic(conn: Conn) -> Iterator[None]:
     is a transaction of its own.
     """
     if not conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
-        conn.execute("SELECT 1")  # psycopg opens the caller's transaction with the first statement
+        conn.execute(PING)  # psycopg opens the caller's transaction with the first statement
     with conn.transaction():
         yield
 

@@ -20,7 +20,7 @@ import functools
 import re
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec
 from .exceptions import ConfigurationError, NotRegistered
@@ -30,7 +30,15 @@ from .options import validate_priority, validate_queue_name
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
 
-    from .task import Task
+    from .options import TaskOptions
+
+
+class Declared(Protocol):
+    """A registered task, as decoding sees it: its declared options (defaults for the envelope)."""
+
+    @property
+    def options(self) -> TaskOptions: ...
+
 
 #: Task name given to a dead job made from an envelope that could not be decoded at all.
 UNDECODABLE_TASK = "taskpg.undecodable_envelope"
@@ -89,7 +97,7 @@ class Rejected:
 
 def decode(
     raw: bytes | str,
-    tasks: Mapping[str, Task[Any, Any]],
+    tasks: Mapping[str, Declared],
     max_bytes: int,
     make_id: Callable[[], str] = new_job_id,
 ) -> NewJob | Rejected:
@@ -121,20 +129,20 @@ def decode(
         return _rejected(text, f"envelope is invalid: {exc}", make_id, data)
 
 
-def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Task[Any, Any]], make_id: Callable[[], str]) -> NewJob:
+def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Declared], make_id: Callable[[], str]) -> NewJob:
     task = tasks[name]
     args = data.get("args") or []
     kwargs = data.get("kwargs") or {}
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise ValueError("'args' must be a list and 'kwargs' an object")
     job_id = _job_id(data["id"]) if data.get("id") is not None else make_id()
-    eta = dt.datetime.fromisoformat(data["eta"]) if data.get("eta") else None
+    eta = _parse_time(data["eta"]) if data.get("eta") else None
     countdown = float(data.get("countdown") or 0)
     if not 0 <= countdown <= MAX_COUNTDOWN:
         raise ValueError(_COUNTDOWN_RANGE)
     enqueued_at = data.get("enqueued_at")
     if countdown and enqueued_at and eta is None:  # the delay counts from the push, not the flush
-        eta = dt.datetime.fromisoformat(enqueued_at) + dt.timedelta(seconds=countdown)
+        eta = _parse_time(enqueued_at) + dt.timedelta(seconds=countdown)
         countdown = 0.0
     if eta is not None and eta.tzinfo is None:
         raise ValueError("'eta' and 'enqueued_at' need a time zone offset")
@@ -156,6 +164,12 @@ def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Task[Any, Any]], m
         countdown=countdown,
         unique_key=_optional_text(data.get("unique_key"), "unique_key"),
     )
+
+
+def _parse_time(value: Any) -> dt.datetime:
+    """An ISO 8601 time; a ``Z`` suffix (JavaScript's ``toISOString()``) reads as UTC on every Python."""
+    text = str(value)
+    return dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
 
 
 def _job_id(value: Any) -> str:

@@ -27,6 +27,7 @@ Control flow raised *inside* tasks (not errors of taskpg itself)::
 from __future__ import annotations
 
 import builtins
+import math
 
 
 class TaskpgError(Exception):
@@ -75,6 +76,10 @@ class TaskError(TaskpgError):
     """A task failed; raised by ``AsyncResult.get()`` when the original type cannot be rebuilt."""
 
 
+def _finite_seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 class TaskControl(Exception):
     """Base of the exceptions a task raises to steer its own job."""
 
@@ -88,6 +93,8 @@ class Retry(TaskControl):
         exc: BaseException | None = None,
         max_retries: int | None = None,
     ) -> None:
+        if countdown is not None and not _finite_seconds(countdown):
+            raise ValueError(f"Retry countdown must be a finite number of seconds >= 0, not {countdown!r}")
         super().__init__(countdown, exc)
         self.countdown = countdown
         self.exc = exc
@@ -103,8 +110,8 @@ class Snooze(TaskControl):
     """Run the job again after ``seconds`` without spending an attempt."""
 
     def __init__(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("Snooze seconds must be >= 0")
+        if not _finite_seconds(seconds):
+            raise ValueError(f"Snooze seconds must be a finite number >= 0, not {seconds!r}")
         super().__init__(seconds)
         self.seconds = float(seconds)
 

@@ -38,6 +38,14 @@ class Call:
     request: Request
 
 
+class _RaisedByTask(Exception):
+    """Carries a TimeoutError the task raised itself past ``wait_for``, which raises the same class."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
 class Executor:
     """Turns claimed jobs into calls, and calls into outcomes, for one worker."""
 
@@ -173,9 +181,18 @@ class Executor:
 
     async def run_async(self, call: Call, timeout: float | None = None) -> Outcome:
         """Await an ``async def`` task; past ``timeout`` it is cancelled and the attempt fails."""
+
+        async def task() -> Any:
+            try:
+                return await call.task.run(call.request.args, call.request.kwargs)
+            except asyncio.TimeoutError as exc:  # the task's own (on 3.11+ the same class as wait_for's)
+                raise _RaisedByTask(exc) from exc
+
         try:
             with request_context(call.request):
-                result = await asyncio.wait_for(call.task.run(call.request.args, call.request.kwargs), timeout)
+                result = await asyncio.wait_for(task(), timeout)
+        except _RaisedByTask as raised:
+            return self.conclude(call, exc=raised.exc)
         except asyncio.TimeoutError:
             return self.conclude(call, exc=TimeLimitExceeded(f"{call.task.name} ran past {timeout} s"))
         except (Exception, SystemExit) as exc:

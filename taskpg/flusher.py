@@ -37,7 +37,7 @@ from .job import NewJob
 from .loops import BackgroundLoop
 
 if TYPE_CHECKING:
-    from .app import TaskPG
+    from .parts import AppParts
 
 logger = logging.getLogger("taskpg.flusher")
 
@@ -100,7 +100,7 @@ class Flusher(BackgroundLoop):
 
     def __init__(
         self,
-        app: TaskPG,
+        app: AppParts,
         batch_size: int = 50_000,
         interval: float = 1.0,
         lock_ttl: float = 30.0,

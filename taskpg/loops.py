@@ -19,6 +19,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from .connections import CONNECTION_ERRORS, backoff
+from .exceptions import SchemaNotReady
 
 if TYPE_CHECKING:
     from .connections import Dedicated
@@ -59,6 +60,8 @@ class BackgroundLoop:
 
     #: Errors after which the loop's own connection is reset before the next step.
     reconnect_on: tuple[type[Exception], ...] = CONNECTION_ERRORS
+    #: Errors no retry can mend (a schema that is not migrated): they end the loop, kept in ``error``.
+    fatal: tuple[type[Exception], ...] = (SchemaNotReady,)
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class BackgroundLoop:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
+        self.error: Exception | None = None  # the fatal error that ended the loop, if one did
         self._dedicated: Dedicated | None = None
         self._own: Store | None = None
         if connection is not None:
@@ -96,11 +100,14 @@ class BackgroundLoop:
         self._thread.start()
 
     def run_here(self) -> None:
-        """Run the loop in the calling thread until stopped (``taskpg beat`` runs so)."""
+        """Run the loop in the calling thread until stopped (``taskpg beat`` runs so); a fatal
+        error is raised here."""
         if self._owns_stop:
             self._stop.clear()
         self._thread = threading.current_thread()
         self._run()
+        if self.error is not None:
+            raise self.error
 
     @property
     def running(self) -> bool:
@@ -162,7 +169,13 @@ class BackgroundLoop:
         try:
             while not self._stop.is_set():
                 self._wake.clear()  # before the step: a wake() during the step cuts the next wait
-                delay = self._step()
+                try:
+                    delay = self._step()
+                except self.fatal as exc:
+                    logger.error("%s stopped: %s", self.name, exc)
+                    self.error = exc
+                    self.signals.emit("failed")
+                    break
                 if (delay is None or delay > 0) and not self._stop.is_set():
                     self._wake.wait(delay)
             try:
@@ -176,6 +189,8 @@ class BackgroundLoop:
     def _step(self) -> float | None:
         try:
             delay = self.step()
+        except self.fatal:
+            raise
         except self.reconnect_on as exc:
             self._failures += 1
             self.reset_connection()

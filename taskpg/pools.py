@@ -1,4 +1,4 @@
-"""Where jobs run: a pool of threads (default), an asyncio event loop, or child processes.
+"""Where jobs run: a pool of threads (default) or an asyncio event loop (child processes: processes.py).
 
 Every pool takes claimed jobs into a small local buffer, runs them with the executor and hands
 each Outcome to ``on_outcome``. ``take_unstarted()`` returns the buffered jobs that have not
@@ -14,35 +14,39 @@ started (handed back to Postgres at shutdown). Time limits:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
-import importlib
 import logging
-import multiprocessing
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .exceptions import ChildProcessDied, ConfigurationError, SoftTimeLimitExceeded, TimeLimitExceeded
+from .exceptions import ConfigurationError, SoftTimeLimitExceeded, TimeLimitExceeded
 from .executor import Call, Executor
 from .job import ClaimedJob, Outcome
-from .task import Request, Task, TaskRegistry
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-
     from .limiter import RateLimiter
 
 logger = logging.getLogger("taskpg.worker")
 
 OutcomeSink = Callable[[Outcome], None]
 POOL_CHOICES = ("threads", "processes", "async")
-CHILD_START_TIMEOUT = 120.0  # seconds a child process may take to import the task modules
 RUN_TIME_WEIGHT = 0.05  # weight of the newest job in the mean run time (about the last 20 jobs)
+
+
+@dataclass(frozen=True)
+class PoolSetup:
+    """What every pool is built with."""
+
+    executor: Executor
+    concurrency: int
+    on_outcome: OutcomeSink  # told each job's outcome
+    on_free: Callable[[], None]  # told when a job left the pool
+    limiter: RateLimiter | None = None  # asked before a rate-limited job starts
+    modules: tuple[str, ...] = ()  # what the processes pool's children import (the -A module)
 
 
 class Pool:
@@ -51,19 +55,12 @@ class Pool:
 
     kind = "base"
 
-    def __init__(
-        self,
-        executor: Executor,
-        concurrency: int,
-        on_outcome: OutcomeSink,
-        on_free: Callable[[], None],
-        limiter: RateLimiter | None = None,
-    ):
-        self.executor = executor
-        self.limiter = limiter
-        self.concurrency = concurrency
-        self._on_outcome = on_outcome
-        self._on_free = on_free
+    def __init__(self, setup: PoolSetup):
+        self.executor = setup.executor
+        self.limiter = setup.limiter
+        self.concurrency = setup.concurrency
+        self._on_outcome = setup.on_outcome
+        self._on_free = setup.on_free
         self._lock = threading.Lock()
         self._in_flight = 0  # buffered + running
         self.mean_run_time: float | None = None  # seconds per job, recent jobs weighing most
@@ -161,7 +158,7 @@ class Pool:
 
 
 @dataclass
-class _Running:
+class Running:
     call: Call
     started: float
     thread: threading.Thread
@@ -170,33 +167,26 @@ class _Running:
 
 
 @dataclass
-class _Runner:
+class Runner:
     thread: threading.Thread
-    current: _Running | None = None
+    current: Running | None = None
     retired: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _RunnerPool(Pool):
+class RunnerPool(Pool):
     """N runner threads fed from a local queue; subclasses say how one job runs (``_run_one``)."""
 
-    def __init__(
-        self,
-        executor: Executor,
-        concurrency: int,
-        on_outcome: OutcomeSink,
-        on_free: Callable[[], None],
-        limiter: RateLimiter | None = None,
-    ):
-        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
+    def __init__(self, setup: PoolSetup):
+        super().__init__(setup)
         self._queue: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
-        self._runners: list[_Runner] = []
+        self._runners: list[Runner] = []
         self._stopping = threading.Event()
-        for _ in range(concurrency):
+        for _ in range(self.concurrency):
             self._spawn_runner()
 
     def _spawn_runner(self) -> None:
-        runner = _Runner(thread=threading.Thread(target=lambda: self._run(runner), daemon=True))
+        runner = Runner(thread=threading.Thread(target=lambda: self._run(runner), daemon=True))
         runner.thread.name = f"taskpg-runner-{len(self._runners)}"
         self._runners.append(runner)
         runner.thread.start()
@@ -205,7 +195,7 @@ class _RunnerPool(Pool):
         for job in jobs:
             self._queue.put(job)
 
-    def _run(self, runner: _Runner) -> None:
+    def _run(self, runner: Runner) -> None:
         while not runner.retired:
             try:
                 job = self._queue.get()
@@ -215,7 +205,7 @@ class _RunnerPool(Pool):
             except SoftTimeLimitExceeded:  # a soft limit that landed just after its task returned
                 continue
 
-    def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
+    def _run_one(self, runner: Runner, job: ClaimedJob) -> None:
         raise NotImplementedError
 
     def take_unstarted(self) -> list[ClaimedJob]:
@@ -245,33 +235,26 @@ class _RunnerPool(Pool):
             self._queue.put(None)
 
 
-class ThreadPool(_RunnerPool):
+class ThreadPool(RunnerPool):
     """Runner threads run sync tasks; ``async def`` tasks go to one shared event loop. A watchdog
     thread enforces time limits."""
 
     kind = "threads"
 
-    def __init__(
-        self,
-        executor: Executor,
-        concurrency: int,
-        on_outcome: OutcomeSink,
-        on_free: Callable[[], None],
-        limiter: RateLimiter | None = None,
-    ):
+    def __init__(self, setup: PoolSetup):
         self._loop: asyncio.AbstractEventLoop | None = None
-        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
+        super().__init__(setup)
         self._watchdog = threading.Thread(target=self._watch, name="taskpg-watchdog", daemon=True)
         self._watchdog.start()
 
-    def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
+    def _run_one(self, runner: Runner, job: ClaimedJob) -> None:
         prepared = self.prepare(job)
         if isinstance(prepared, Outcome):
             self._finished(prepared)
             return
         started = self._started(prepared)
         with runner.lock:
-            runner.current = _Running(prepared, started, runner.thread)
+            runner.current = Running(prepared, started, runner.thread)
         outcome = self._run_on_loop(prepared) if self.executor.is_async(prepared) else self.executor.run_sync(prepared)
         with runner.lock:
             running, runner.current = runner.current, None
@@ -310,7 +293,7 @@ class ThreadPool(_RunnerPool):
                         running.soft_sent = True
                         _raise_in_thread(running.thread, SoftTimeLimitExceeded)
 
-    def _abandon(self, runner: _Runner, running: _Running) -> None:
+    def _abandon(self, runner: Runner, running: Running) -> None:
         """Hard limit in a thread: fail the attempt now and replace the stuck thread."""
         running.abandoned = True
         runner.retired = True
@@ -353,21 +336,14 @@ class AsyncPool(Pool):
 
     kind = "async"
 
-    def __init__(
-        self,
-        executor: Executor,
-        concurrency: int,
-        on_outcome: OutcomeSink,
-        on_free: Callable[[], None],
-        limiter: RateLimiter | None = None,
-    ):
-        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
+    def __init__(self, setup: PoolSetup):
+        super().__init__(setup)
         self._loop = _start_loop_thread()
         self._queue: asyncio.Queue[ClaimedJob | None] = asyncio.run_coroutine_threadsafe(
             _make_queue(), self._loop
         ).result()
         self._running: dict[str, ClaimedJob] = {}
-        for _ in range(concurrency):
+        for _ in range(self.concurrency):
             asyncio.run_coroutine_threadsafe(self._consume(), self._loop)
 
     def _enqueue(self, jobs: list[ClaimedJob]) -> None:
@@ -434,171 +410,3 @@ class AsyncPool(Pool):
 
 async def _make_queue() -> asyncio.Queue[ClaimedJob | None]:
     return asyncio.Queue()
-
-
-# -- processes ---------------------------------------------------------------------------------
-
-
-class ProcessPool(_RunnerPool):
-    """Each runner thread drives one child process (spawned, importing the task modules).
-
-    The parent prepares the job (registration, arguments, rate limits) and sends the decoded call;
-    the child enforces ``soft_time_limit`` with SIGALRM; the parent kills a child that passes
-    ``time_limit`` and starts a new one, so hard limits are exact.
-    """
-
-    kind = "processes"
-
-    def __init__(
-        self,
-        executor: Executor,
-        concurrency: int,
-        on_outcome: OutcomeSink,
-        on_free: Callable[[], None],
-        modules: list[str],
-        limiter: RateLimiter | None = None,
-    ):
-        self._modules = modules
-        self._children: dict[int, _Child] = {}
-        super().__init__(executor, concurrency, on_outcome, on_free, limiter)
-        for runner in self._runners:  # start the children now: their imports take a while
-            self._children.setdefault(id(runner), _Child(modules, executor))
-
-    def _run_one(self, runner: _Runner, job: ClaimedJob) -> None:
-        prepared = self.prepare(job)  # checks registration, arguments and rate limits before the child
-        if isinstance(prepared, Outcome):
-            self._finished(prepared)
-            return
-        started = self._started(prepared)
-        child = self._children.get(id(runner))
-        if child is None:
-            child = self._children[id(runner)] = _Child(self._modules, self.executor)
-        with runner.lock:
-            runner.current = _Running(prepared, started, runner.thread)
-        outcome = child.run(prepared, self.executor)
-        with runner.lock:
-            runner.current = None
-        self._finished(outcome, started)
-
-    def close(self) -> None:
-        super().close()
-        for child in self._children.values():
-            child.stop()
-
-
-class _Child:
-    """One child process and the pipe to it."""
-
-    def __init__(self, modules: list[str], executor: Executor) -> None:
-        self._modules = modules
-        self._worker_id = executor.worker_id
-        self._max_payload = executor.max_payload_bytes
-        self._start()
-
-    def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(
-            target=_child_main,
-            args=(child_conn, self._modules, self._worker_id, self._max_payload),
-            daemon=True,
-            name="taskpg-child",
-        )
-        self._process.start()
-        child_conn.close()
-        self._ready = False
-
-    def _wait_ready(self) -> None:
-        """Wait for the child to finish importing, so start-up time never counts against a time limit."""
-        if not self._ready:
-            if not self._conn.poll(CHILD_START_TIMEOUT) or self._conn.recv() != "ready":
-                raise EOFError("the child process did not start")
-            self._ready = True
-
-    def run(self, call: Call, executor: Executor) -> Outcome:
-        limit = call.task.options.time_limit
-        try:
-            self._wait_ready()
-            self._conn.send((call.job, call.request))
-            if self._conn.poll(limit):
-                outcome: Outcome = self._conn.recv()
-                return outcome
-        except (EOFError, OSError, BrokenPipeError):
-            self._restart()
-            return executor.conclude(call, exc=ChildProcessDied("the child process running the task died"))
-        logger.warning("job %s passed its time_limit of %s s: killing its child process", call.job.id, limit)
-        self._restart()
-        return executor.conclude(call, exc=TimeLimitExceeded(f"{call.task.name} ran past its time_limit of {limit} s"))
-
-    def _restart(self) -> None:
-        self._process.kill()
-        self._process.join(5)
-        self._conn.close()
-        self._start()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self._conn.send(None)
-        self._process.join(5)
-        if self._process.is_alive():
-            self._process.kill()
-
-
-def _child_main(conn: Connection, modules: list[str], worker_id: str | None, max_payload: int) -> None:
-    """Child process: import the task modules, then run the jobs the parent sends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
-    tasks = TaskRegistry()
-    for name in modules:
-        module = importlib.import_module(name)
-        for value in vars(module).values():
-            if isinstance(value, Task):
-                tasks.update(value.app.tasks)
-            elif isinstance(getattr(value, "tasks", None), TaskRegistry):  # an app whose tasks live elsewhere
-                tasks.update(value.tasks)
-    executor = Executor(tasks, worker_id, max_payload)
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise SoftTimeLimitExceeded("soft time limit exceeded")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    conn.send("ready")
-    while True:
-        sent: tuple[ClaimedJob, Request] | None = conn.recv()
-        if sent is None:
-            return
-        prepared = executor.adopt(*sent)  # the parent decoded and checked the arguments already
-        if isinstance(prepared, Outcome):
-            conn.send(prepared)
-            continue
-        options = prepared.task.options
-        if executor.is_async(prepared):  # cancelled by asyncio at its limit; an alarm would hit the loop
-            outcome = asyncio.run(executor.run_async(prepared, options.soft_time_limit or options.time_limit))
-        else:
-            if options.soft_time_limit:
-                signal.setitimer(signal.ITIMER_REAL, options.soft_time_limit)
-            try:
-                outcome = executor.run_sync(prepared)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        conn.send(outcome)
-
-
-def make_pool(
-    kind: str,
-    executor: Executor,
-    concurrency: int,
-    on_outcome: OutcomeSink,
-    on_free: Callable[[], None],
-    modules: list[str] | None = None,
-    limiter: RateLimiter | None = None,
-) -> Pool:
-    """Build the pool named by ``--pool``."""
-    if kind == "threads":
-        return ThreadPool(executor, concurrency, on_outcome, on_free, limiter)
-    if kind == "async":
-        return AsyncPool(executor, concurrency, on_outcome, on_free, limiter)
-    if kind == "processes":
-        if not modules:
-            raise ValueError("the processes pool needs the importable module(s) that define the tasks (-A)")
-        return ProcessPool(executor, concurrency, on_outcome, on_free, modules, limiter)
-    raise ValueError(f"unknown pool {kind!r}: expected one of {', '.join(POOL_CHOICES)}")

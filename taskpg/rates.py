@@ -7,6 +7,7 @@ unit (seconds without one). Throttles, rate limits and ``taskpg dead purge --old
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -44,11 +45,12 @@ def parse_rate(value: str | int | float, option: str = "rate") -> Rate:
     if isinstance(value, bool):
         raise ConfigurationError(f"{option}={value!r}: expected 'N/period' such as '100/s' or '1/h'")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ConfigurationError(f"{option}={value!r} must be positive")
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigurationError(f"{option}={value!r} must be a positive number")
         return Rate(int(value), 1.0) if float(value).is_integer() else Rate(1, 1.0 / float(value))
     match = _RATE.match(value) if isinstance(value, str) else None
-    if not match or match.group(3) not in UNIT_SECONDS or int(match.group(1)) <= 0 or match.group(2) in ("0", "00"):
+    zero_multiplier = bool(match and match.group(2)) and int(match.group(2)) == 0  # type: ignore[union-attr]
+    if not match or match.group(3) not in UNIT_SECONDS or int(match.group(1)) <= 0 or zero_multiplier:
         raise ConfigurationError(f"{option}={value!r}: expected 'N/period' such as '100/s', '20/m' or '1/h'")
     multiplier = int(match.group(2)) if match.group(2) else 1
     return Rate(int(match.group(1)), UNIT_SECONDS[match.group(3)] * multiplier)

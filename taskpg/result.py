@@ -5,24 +5,30 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import failures
 from .exceptions import TaskError, TaskRevoked, TimeoutError
 from .job import FINISHED_STATES, JobRecord, JobState, Status, status_of, validate_job_id
 
 if TYPE_CHECKING:
-    from .app import TaskPG
     from .store import Store
 
 # get() waits on LISTEN/NOTIFY; this re-check only guards against a missed notification.
 SAFETY_RECHECK_SECONDS = 5.0
 
 
+class ResultHost(Protocol):
+    """What a handle needs from its app (``TaskPG`` is one): where the job rows are."""
+
+    @property
+    def store(self) -> Store: ...
+
+
 class AsyncResult:
     """A job's id and a view of its state (Celery's names and methods)."""
 
-    def __init__(self, app: TaskPG, id: str, task_name: str | None = None, *, throttled: bool = False) -> None:
+    def __init__(self, app: ResultHost, id: str, task_name: str | None = None, *, throttled: bool = False) -> None:
         self.app = app
         self.id = validate_job_id(id)
         self.task_name = task_name

@@ -7,6 +7,7 @@ migrated database with this metadata so the two cannot drift apart.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     CheckConstraint,
@@ -23,6 +24,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 from .exceptions import ConfigurationError
+from .job import FINISHED_STATES, UNFINISHED_STATES, JobState
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
 SCHEMA_REVISION = "0003"
@@ -30,7 +35,13 @@ SCHEMA_REVISION = "0003"
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 
-JOB_STATES = ("scheduled", "available", "running", "succeeded", "dead", "cancelled")
+
+def _state_in(states: Iterable[JobState]) -> str:
+    """``state IN ('a', 'b')`` for a partial index or the check constraint (values from JobState)."""
+    return "state IN ({})".format(", ".join(f"'{state.value}'" for state in sorted(states, key=_STATE_ORDER.index)))
+
+
+_STATE_ORDER = list(JobState)
 
 
 def validate_schema_name(name: str) -> str:
@@ -46,7 +57,6 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
     """The taskpg tables in the given Postgres schema."""
     validate_schema_name(schema)
     metadata = MetaData(schema=schema)
-    states = ", ".join(f"'{state}'" for state in JOB_STATES)
     Table(
         "jobs",
         metadata,
@@ -69,7 +79,7 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("result", JSONB),
         Column("errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
         Column("unique_key", Text),
-        CheckConstraint(f"state IN ({states})", name="jobs_state_check"),
+        CheckConstraint(_state_in(JobState), name="jobs_state_check"),
         # The claim query walks this index in claim order and stops after LIMIT rows.
         Index(
             "jobs_claim_idx",
@@ -77,25 +87,25 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             text("priority DESC"),
             "run_at",
             "id",
-            postgresql_where=text("state = 'available'"),
+            postgresql_where=text(f"state = '{JobState.AVAILABLE}'"),
         ),
         # The stager promotes due scheduled jobs in run_at order.
-        Index("jobs_scheduled_idx", "run_at", postgresql_where=text("state = 'scheduled'")),
+        Index("jobs_scheduled_idx", "run_at", postgresql_where=text(f"state = '{JobState.SCHEDULED}'")),
         # Unique jobs: one unfinished job per unique_key.
         Index(
             "jobs_unique_active_idx",
             "unique_key",
             unique=True,
-            postgresql_where=text("unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running')"),
+            postgresql_where=text(f"unique_key IS NOT NULL AND {_state_in(UNFINISHED_STATES)}"),
         ),
         # Rescue looks up running jobs by the worker that holds them.
-        Index("jobs_running_idx", "worker_id", postgresql_where=text("state = 'running'")),
+        Index("jobs_running_idx", "worker_id", postgresql_where=text(f"state = '{JobState.RUNNING}'")),
         # Retention and dead-letter listings scan finished jobs by age.
         Index(
             "jobs_finished_idx",
             "state",
             "finished_at",
-            postgresql_where=text("state IN ('succeeded', 'dead', 'cancelled')"),
+            postgresql_where=text(_state_in(FINISHED_STATES)),
         ),
     )
     Table(

@@ -1,4 +1,4 @@
-"""Every hot-path statement, in one place.
+"""Every statement taskpg runs, in one place (``store.py`` runs them: one method per statement).
 
 Templates name tables as ``{jobs}`` / ``{workers}``; :class:`Queries` renders them once per
 schema with ``psycopg.sql.Identifier`` (schema names are allow-listed too), so no value is
@@ -156,6 +156,12 @@ SELECT pg_notify(%(done_channel)s, id::text) FROM revoked
 
 SCHEMA_VERSION = "SELECT version_num FROM {alembic_version}"
 
+# A round trip that reads nothing: pings a LISTEN connection, and opens a caller's transaction
+# (psycopg begins one with the first statement) before a savepoint.
+PING = "SELECT 1"
+
+UNLISTEN_ALL = "UNLISTEN *"
+
 # -- claim and finish ------------------------------------------------------------------------
 
 # Set on the session that runs the claim and the stager (a dedicated connection of the worker).
@@ -248,7 +254,11 @@ FROM relaxed
 """
 
 # Move scheduled jobs whose time has come to 'available' and wake their queues. SKIP LOCKED
-# lets several workers run the stager at once without waiting on each other.
+# lets several workers run the stager at once without waiting on each other. Also returns the
+# seconds until the next scheduled job is due (NULL when none is; the first row of
+# jobs_scheduled_idx after now), so the stager can wake for it instead of at its next round. The
+# subquery reads the statement's snapshot, in which the rows promoted here are still scheduled:
+# "run_at > now()" leaves them (and due rows another stager holds) out.
 PROMOTE_DUE = """
 WITH due AS (
     SELECT id FROM {jobs}
@@ -259,7 +269,8 @@ WITH due AS (
 ), promoted AS (
     UPDATE {jobs} AS j SET state = 'available' FROM due WHERE j.id = due.id RETURNING j.queue
 )
-SELECT count(*), (SELECT count(pg_notify(%(channel)s, queue)) FROM (SELECT DISTINCT queue FROM promoted) q)
+SELECT count(*), (SELECT count(pg_notify(%(channel)s, queue)) FROM (SELECT DISTINCT queue FROM promoted) q),
+       (SELECT EXTRACT(EPOCH FROM min(run_at) - now())::float8 FROM {jobs} WHERE state = 'scheduled' AND run_at > now())
 FROM promoted
 """
 

@@ -1,8 +1,10 @@
-"""The stager: every ``interval`` seconds, make scheduled jobs whose time has come available.
+"""The stager: make scheduled jobs whose time has come available.
 
-Every worker runs one; the statement skips rows another stager holds (``FOR UPDATE SKIP LOCKED``),
-so several never wait on each other. Promoted jobs wake their queues' workers by NOTIFY, and
-``on_promoted`` tells this worker's fetch loop at once.
+It runs when the next scheduled job is due (the promote statement says when that is), and at
+least every ``interval`` seconds for jobs scheduled since. Every worker runs one; the statement
+skips rows another stager holds (``FOR UPDATE SKIP LOCKED``), so several never wait on each other.
+Promoted jobs wake their queues' workers by NOTIFY, and ``on_promoted`` tells this worker's fetch
+loop at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
 
 #: Most jobs promoted by one statement.
 PROMOTE_BATCH = 10_000
+#: The shortest wait between two rounds (due rows another stager holds are left to it meanwhile).
+MIN_WAIT = 0.005
 
 
 class Stager(BackgroundLoop):
@@ -36,7 +40,11 @@ class Stager(BackgroundLoop):
 
     def step(self) -> float:
         promoted = self.own.promote_due(PROMOTE_BATCH)
-        if promoted:
+        if promoted.count:
             self.on_promoted()
             self.signals.emit("promoted")
-        return 0.0 if promoted == PROMOTE_BATCH else self.interval
+        if promoted.count == PROMOTE_BATCH:
+            return 0.0  # more may be due
+        if promoted.next_due_in is None:
+            return self.interval
+        return min(self.interval, max(promoted.next_due_in, MIN_WAIT))

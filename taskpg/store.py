@@ -30,7 +30,7 @@ from .dsn import redact
 from .exceptions import SchemaNotReady
 from .job import ClaimedJob, JobBatch, JobRecord, JobState, NewJob, Outcome, Row
 from .schema import SCHEMA_REVISION
-from .sql import CLAIM_SESSION, Queries
+from .sql import CLAIM_SESSION, PING, UNLISTEN_ALL, Queries
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -85,6 +85,12 @@ class Finished:
     changed: list[str]  # ids whose outcome was written (lease still held)
     finished: list[str]  # of those, the ones that ended (succeeded or dead)
     woken: list[str]  # queues that got a job back as available
+
+
+@dataclass(frozen=True)
+class Promoted:
+    count: int
+    next_due_in: float | None  # seconds until the next scheduled job is due (None: none is)
 
 
 @dataclass(frozen=True)
@@ -376,7 +382,7 @@ class Store:
         self._count(self.q.listen(self.q.done_channel))
 
     def unlisten(self) -> None:
-        self._count("UNLISTEN *")
+        self._count(UNLISTEN_ALL)
 
     def notifications(self, timeout: float) -> Iterator[str]:
         """Payloads of notifications on the LISTENed channels as they arrive, for up to ``timeout`` s."""
@@ -385,7 +391,7 @@ class Store:
 
     def ping(self) -> None:
         """A round trip, so that a half-open connection is noticed."""
-        self._one("SELECT 1")
+        self._one(PING)
 
     # -- claim and finish ------------------------------------------------------------------------
 
@@ -426,10 +432,11 @@ class Store:
         }
         self._one(self.q.announce, params)
 
-    def promote_due(self, limit: int = 10_000) -> int:
-        """Make due scheduled jobs available and wake their queues; returns how many."""
+    def promote_due(self, limit: int = 10_000) -> Promoted:
+        """Make due scheduled jobs available and wake their queues."""
         row = self._one(self.q.promote_due, {"limit": limit, "channel": self.q.jobs_channel})
-        return int(row[0]) if row else 0
+        assert row is not None
+        return Promoted(int(row[0]), None if row[2] is None else float(row[2]))
 
     # -- workers, rescue -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import contextvars
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar
 
 from . import codec, guards
 from .connections import caller_connection
@@ -20,7 +20,8 @@ from .result import AsyncResult
 if TYPE_CHECKING:
     import datetime as dt
 
-    from .app import TaskPG
+    from .buffer import BufferProducer
+    from .enqueue import Announce
     from .guards import Guard, Planned
     from .store import Store
 
@@ -46,6 +47,23 @@ class Request:
         return max(0, self.attempt - 1)
 
 
+class TaskHost(Protocol):
+    """What a task needs from its app (``TaskPG`` is one): where and how jobs are written."""
+
+    tasks: TaskRegistry
+    default_via: str
+    max_payload_bytes: int
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def buffer(self) -> BufferProducer: ...
+
+    @property
+    def announce(self) -> Announce | None: ...
+
+
 class TaskRegistry(dict[str, "Task[Any, Any]"]):
     """Task name -> Task. A missing name raises ``NotRegistered``."""
 
@@ -59,7 +77,7 @@ _current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVa
 class Task(Generic[P, R]):
     """A task function registered with an app. Calling it runs the function inline."""
 
-    def __init__(self, app: TaskPG, fn: Callable[..., R], name: str, options: TaskOptions) -> None:
+    def __init__(self, app: TaskHost, fn: Callable[..., R], name: str, options: TaskOptions) -> None:
         self.app = app
         self.fn = fn
         self.name = name

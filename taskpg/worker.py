@@ -32,7 +32,8 @@ from .heartbeat import Heartbeat
 from .limiter import RateLimiter
 from .listener import Listener
 from .options import validate_queue_name
-from .pools import Pool, make_pool
+from .pools import POOL_CHOICES, AsyncPool, Pool, PoolSetup, ThreadPool
+from .processes import ProcessPool
 from .stager import Stager
 from .store import WorkerInfo
 
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from types import FrameType
 
-    from .app import TaskPG
     from .job import ClaimedJob, Outcome
+    from .parts import AppParts
 
 
 logger = logging.getLogger("taskpg.worker")
@@ -104,7 +105,7 @@ class WorkerSettings:
 class Worker:
     """Runs jobs of the given queues until stopped. ``run()`` blocks and returns an exit code."""
 
-    def __init__(self, app: TaskPG, settings: WorkerSettings | None = None, **options: Any) -> None:
+    def __init__(self, app: AppParts, settings: WorkerSettings | None = None, **options: Any) -> None:
         self.settings = settings or WorkerSettings(**options)
         self.store = app.store
         self.tasks = app.tasks
@@ -195,9 +196,8 @@ class Worker:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         self.completer = Completer(self.store, self.tasks, on_written=self._forget)
-        self.pool = make_pool(
-            s.pool, self.executor, s.concurrency, self._on_outcome, self._on_free, s.modules, self.limiter
-        )
+        setup = PoolSetup(self.executor, s.concurrency, self._on_outcome, self._on_free, self.limiter, tuple(s.modules))
+        self.pool = make_pool(s.pool, setup)
         info = WorkerInfo(self.id, socket.gethostname(), os.getpid(), list(s.queues), s.concurrency)
         heartbeat = Heartbeat(
             self.store, self.tasks, info, s.heartbeat_interval, s.rescue_after, self._held_ids, self._stop
@@ -317,3 +317,15 @@ class Worker:
         self._claims.close()
         logger.info("worker %s stopped", self.id)
         return code
+
+
+def make_pool(kind: str, setup: PoolSetup) -> Pool:
+    """Build the pool named by ``--pool``."""
+    pools: dict[str, Callable[[PoolSetup], Pool]] = {
+        "threads": ThreadPool,
+        "async": AsyncPool,
+        "processes": ProcessPool,
+    }
+    if kind not in pools:
+        raise ValueError(f"unknown pool {kind!r}: expected one of {', '.join(POOL_CHOICES)}")
+    return pools[kind](setup)

@@ -2,24 +2,37 @@
 
 The database is TASKPG_TEST_DSN, else the local server at 127.0.0.1:5432 when it answers, else
 an embedded Postgres started for the session (set TASKPG_TEST_EMBEDDED=1 to force that).
+The fixtures that several test files share are here too; helpers that are not fixtures are in support/.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
-from taskpg import TaskPG, embedded, migrate
+from taskpg import Task, TaskPG, embedded, migrate
+from taskpg.cli import main
 from taskpg.worker import Worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
+pytest.register_assert_rewrite("support")  # before the first import of it: its asserts explain themselves too
+
+from support.paths import SUPPORT  # noqa: E402
+from support.processes import TASKPG_ROOT, WorkerProcess  # noqa: E402
+
+# The task modules in support/ (proc_tasks, beat_tasks, limit_tasks) are imported by their top-level names,
+# in this process as in the worker and beat processes the tests start with PYTHONPATH=support.
+sys.path.append(str(SUPPORT))
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -107,6 +120,92 @@ class RunningWorker:
 def run_worker() -> Callable[..., RunningWorker]:
     """``with run_worker(app, concurrency=2) as worker: ...`` runs a worker for the block."""
     return RunningWorker
+
+
+@pytest.fixture
+def spawn(pg_dsn: str, migrated_schema: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn(concurrency=4, grace=10, ...)`` starts a worker process; leftovers are killed after the test."""
+    started: list[WorkerProcess] = []
+    env = {
+        **os.environ,
+        "TASKPG_DSN": pg_dsn,
+        "TASKPG_SCHEMA": migrated_schema,
+        "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(TASKPG_ROOT)]),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+    def start(
+        *, concurrency: int = 4, grace: float = 10, pool: str = "threads", prefetch: int | None = None
+    ) -> WorkerProcess:
+        argv = [sys.executable, "-m", "taskpg", "worker", "-A", "proc_tasks", "-Q", "default"]
+        argv += ["-c", str(concurrency), "--pool", pool, "--grace", str(grace)]
+        argv += ["--heartbeat", "0.5", "--rescue-after", "2", "--poll-interval", "1", "-l", "info"]
+        if prefetch is not None:
+            argv += ["--prefetch", str(prefetch)]
+        worker = WorkerProcess(argv, env, tmp_path / f"worker-{len(started)}.stderr")
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.close()
+
+
+@pytest.fixture
+def tasks(app: TaskPG, db: psycopg.Connection) -> SimpleNamespace:
+    """proc_tasks' tasks bound to the test's app (same names and options), and the executions table."""
+    import proc_tasks
+
+    db.execute(
+        f'CREATE TABLE "{app.schema}".executions '
+        "(job_id uuid NOT NULL, n int NOT NULL, pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    return SimpleNamespace(**{t.fn.__name__: Task(app, t.fn, t.name, t.options) for t in proc_tasks.app.tasks.values()})
+
+
+@pytest.fixture
+def cli(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., SimpleNamespace]:
+    """``cli(schema, "status", "--json")`` -> exit code, stdout and stderr of ``taskpg status --json``."""
+
+    def run(schema: str, *argv: str) -> SimpleNamespace:
+        capsys.readouterr()
+        code = main([*argv, "--dsn", pg_dsn, "--schema", schema])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(code=code, out=out, err=err)
+
+    return run
+
+
+@pytest.fixture
+def mixed(app: TaskPG, run_worker: Any) -> SimpleNamespace:
+    """Dead jobs of two tasks (one in queue 'other'), a succeeded job and an available one."""
+
+    @app.task(name="cli.boom")
+    def boom(n: int) -> None:
+        raise ValueError(f"boom {n}")
+
+    @app.task(name="cli.bust")
+    def bust(n: int) -> None:
+        raise ValueError(f"bust {n}")
+
+    @app.task(name="cli.ok")
+    def ok(n: int) -> int:
+        return n
+
+    handles = [boom.delay(0), boom.apply_async((1,), queue="other"), bust.delay(2), ok.delay(3)]
+    with run_worker(app, queues=["default", "other"]):
+        for handle in handles:
+            handle.get(timeout=15, propagate=False)
+    waiting = ok.delay(4)  # no worker runs any more: stays available
+    return SimpleNamespace(
+        boom=[handles[0].id, handles[1].id],
+        bust=handles[2].id,
+        dead=[handles[0].id, handles[1].id, handles[2].id],
+        succeeded=handles[3].id,
+        available=waiting.id,
+    )
 
 
 @pytest.fixture(scope="session")

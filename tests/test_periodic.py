@@ -1,4 +1,4 @@
-"""Beat: tick arithmetic, time zones and DST, catch-up, exactly once with many beats, failover, retention."""
+"""docs/periodic.md: beat's ticks, time zones and DST, catch-up, exactly once with many beats, failover, retention."""
 
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from support.example_runner import run_example
+from support.paths import SUPPORT, TESTS
 
 from taskpg import ConfigurationError, TaskPG
 from taskpg.beat import Beat
 from taskpg.periodic import Schedule
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import psycopg
 
 UTC = dt.timezone.utc
-TESTS = Path(__file__).resolve().parent
 
 
 def at(*parts: int) -> dt.datetime:
@@ -167,7 +169,7 @@ def test_only_the_leader_fires(app: TaskPG, db: psycopg.Connection) -> None:
 
 
 def beat_process(pg_dsn: str, schema: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "TASKPG_DSN": pg_dsn, "TASKPG_SCHEMA": schema, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "TASKPG_DSN": pg_dsn, "TASKPG_SCHEMA": schema, "PYTHONPATH": str(SUPPORT)}
     return subprocess.Popen(
         [sys.executable, "-m", "taskpg", "beat", "-A", "beat_tasks", "-l", "info"],
         cwd=TESTS,
@@ -195,7 +197,7 @@ def test_killing_the_leader_hands_over_without_doubling_or_losing_ticks(
         killed_at = time.monotonic()
         follower = 1 - leader
         while "is now the leader" not in logs[follower].read_text():
-            assert time.monotonic() - killed_at < 5, "the follower did not take over"
+            assert time.monotonic() - killed_at < 30, "the follower did not take over"
             time.sleep(0.05)
         time.sleep(3)
     finally:
@@ -281,3 +283,38 @@ def test_maintenance_vacuums_the_jobs_table_when_autovacuum_does_not(app: TaskPG
         (app.schema,),
     ).fetchone()
     assert stats == (True, True, 0)
+
+
+# -- examples/periodic_report.py: a simulated week of beat, each tick one job, nothing doubled -----------
+
+
+def test_periodic_report_example(pg_dsn: str, schema: str, db: psycopg.Connection) -> None:
+    stdout = run_example("periodic_report.py", TASKPG_DSN=pg_dsn, TASKPG_SCHEMA=schema)
+    lines = stdout.splitlines()
+    assert "report jobs run: 5" in lines, stdout
+    assert "sync-rates jobs run: 28" in lines, stdout  # every 6 h over the 167 h of a spring-forward week
+    assert "jobs fired by the second beat: 0" in lines, stdout
+    assert "  reports.weekday_report fired for Mon 2026-03-23 08:00 CET (07:00 UTC)" in lines, stdout
+    assert any(line.startswith("one report: jobs by state: ") for line in lines), stdout
+
+    # In Postgres: each report tick (08:00 in Madrid = 07:00 UTC in March, Monday to Friday) has exactly one job.
+    rows = db.execute(
+        f'SELECT t.tick, count(j.id), min(j.state) FROM "{schema}".periodic_ticks t '
+        f'JOIN "{schema}".jobs j ON j.id = t.job_id WHERE t.schedule = %s GROUP BY t.tick ORDER BY t.tick',
+        ("reports.weekday_report",),
+    ).fetchall()
+    assert rows == [(dt.datetime(2026, 3, day, 7, 0, tzinfo=UTC), 1, "succeeded") for day in range(23, 28)]
+    jobs = db.execute(f'SELECT count(*) FROM "{schema}".jobs WHERE task = %s', ("reports.weekday_report",)).fetchone()
+    assert jobs == (5,)  # no job outside the ticks either
+
+
+def test_beat_on_an_unmigrated_schema_exits_2_and_says_to_migrate(pg_dsn: str, schema: str, tmp_path: Path) -> None:
+    """A schema error is not retried for ever: the beat stops with code 2 and names the fix."""
+    log = tmp_path / "beat.log"
+    process = beat_process(pg_dsn, schema, log)
+    try:
+        assert process.wait(60) == 2
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "taskpg migrate" in log.read_text()

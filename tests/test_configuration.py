@@ -1,31 +1,25 @@
-"""Alembic owns the schema: head matches schema.py, round trips work, unmigrated use fails clearly."""
+"""docs/configuration.md: Alembic owns the schema, unmigrated use fails clearly, schemas, schema names."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from support.paths import REPO
+from support.rows import tables
 
-from taskpg import SchemaNotReady, TaskPG, migrate
+from taskpg import ConfigurationError, SchemaNotReady, TaskPG, migrate
 from taskpg.connections import sqlalchemy_engine
 from taskpg.schema import SCHEMA_REVISION, build_metadata
 
 if TYPE_CHECKING:
     import psycopg
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def tables(db: psycopg.Connection, schema: str) -> set[str]:
-    rows = db.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)).fetchall()
-    return {r[0] for r in rows}
 
 
 def test_schema_revision_is_the_alembic_head() -> None:
@@ -114,3 +108,8 @@ def test_two_schemas_are_independent(pg_dsn: str, migrated_schema: str, db: psyc
         second.close()
     finally:
         db.execute(f'DROP SCHEMA "{other}" CASCADE')
+
+
+def test_bad_schema_name_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="schema name"):
+        TaskPG("postgresql://x@127.0.0.1/x", schema='x"; DROP TABLE jobs; --')

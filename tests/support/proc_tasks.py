@@ -1,8 +1,8 @@
-"""Tasks for the worker processes of test_worker_process.py (``taskpg worker -A proc_tasks``).
+"""Tasks for the worker processes the tests start (``taskpg worker -A proc_tasks``; see processes.py).
 
 The app comes from TASKPG_DSN / TASKPG_SCHEMA. Every task first records its execution in
 ``<schema>.executions`` (job id, n, pid of the process that ran it), so a test can tell from the
-database which jobs ran, how often and where. The test creates that table before starting workers.
+database which jobs ran, how often and where. The ``tasks`` fixture (conftest.py) creates that table.
 """
 
 from __future__ import annotations

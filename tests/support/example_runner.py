@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .paths import EXAMPLES
 
 
 def run_example(name: str, *args: str, timeout: float = 180, **env: str) -> str:

@@ -1,4 +1,4 @@
-"""Declaring tasks: names, options validated at decoration time, inline calls."""
+"""docs/tasks.md: declaring tasks: names, options validated at decoration time, inline calls."""
 
 from __future__ import annotations
 
@@ -143,8 +143,3 @@ def test_unknown_task_lookup_raises_not_registered(bare_app: TaskPG) -> None:
 
     with pytest.raises(NotRegistered, match="nope"):
         bare_app.tasks["nope"]
-
-
-def test_bad_schema_name_is_refused() -> None:
-    with pytest.raises(ConfigurationError, match="schema name"):
-        TaskPG("postgresql://x@127.0.0.1/x", schema='x"; DROP TABLE jobs; --')

@@ -1,8 +1,8 @@
-"""The examples run, so they cannot rot."""
+"""docs/getting-started.md: the quickstart example runs as a user would run it, so it cannot rot."""
 
 from __future__ import annotations
 
-from example_runner import run_example
+from support.example_runner import run_example
 
 
 def test_quickstart(pg_dsn: str, schema: str) -> None:
