@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .connections import CONNECTION_ERRORS
 from .enqueue import insert_job
 from .flusher import Flusher
 from .loops import BackgroundLoop
@@ -162,7 +161,7 @@ class Beat(BackgroundLoop):
         return min(self.interval, self.next_tick_in(self.clock()) + 0.001)
 
     def on_failure(self, exc: Exception) -> None:
-        if isinstance(exc, CONNECTION_ERRORS):
+        if self.needs_reconnect(exc):
             self.is_leader = False  # the session, and the lock with it, is gone
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -15,7 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from . import failures
-from .connections import CONNECTION_ERRORS
+from .connections import refuses_value
 from .deadletter import route_dead_letter
 from .job import JobState, Outcome
 from .loops import BackgroundLoop
@@ -67,9 +67,27 @@ class Completer(BackgroundLoop):
         return self._idle.wait(timeout)
 
     def close(self, timeout: float | None = 30) -> None:
-        self.wait_idle(timeout)
+        """Write what is pending (waiting up to ``timeout``), then stop."""
+        if self.running:
+            self.wait_idle(timeout)
         self._queue.put(None)
         self.join(timeout)
+
+    def take_unwritten(self) -> list[Outcome]:
+        """Outcomes handed over and not written (after the loop stopped): the batch in hand, then the queue."""
+        taken = list(self._batch or [])
+        self._batch = None
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                taken.append(item)
+        with self._lock:
+            self._pending = 0
+            self._idle.set()
+        return taken
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -81,10 +99,13 @@ class Completer(BackgroundLoop):
         self._batch = batch
         try:
             write_outcomes(self.own, batch, self.tasks)
-        except CONNECTION_ERRORS:
-            raise  # the loop reconnects and this batch is written again
-        except Exception:  # not a lost connection: a value Postgres refuses. Write what can be written
-            logger.exception("a batch of outcomes was refused; writing them one by one")
+        except Exception as exc:
+            if not refuses_value(exc):
+                # A failed session (lost connection, read-only server...) or anything unknown: never "this
+                # value is bad". The loop backs off (and reconnects) and this batch is written again;
+                # outcomes already written are fenced by their lease, so writing them again changes nothing.
+                raise
+            logger.error("a batch of outcomes was refused (%s); writing them one by one", exc)
             for outcome in batch:
                 self._write_alone(outcome)
         self._batch = None
@@ -116,9 +137,9 @@ class Completer(BackgroundLoop):
     def _write_alone(self, outcome: Outcome) -> None:
         try:
             write_outcomes(self.own, [outcome], self.tasks)
-        except CONNECTION_ERRORS:
-            raise
         except Exception as exc:
+            if not refuses_value(exc):
+                raise  # the whole batch is tried again after the backoff
             logger.error("job %s: outcome refused by Postgres (%s); recording it as dead", outcome.job.id, exc)
             replacement = self._refused(outcome, exc)
             write_outcomes(self.own, [replacement], self.tasks)

@@ -42,11 +42,48 @@ T = TypeVar("T")
 #: A psycopg connection, as the store and the loops hold it.
 Conn = psycopg.Connection[Any]
 
-#: Errors that mean "the connection is gone", not "the statement is wrong".
-CONNECTION_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+#: SQLSTATE classes of a statement refused for a value in it: data exception, integrity constraint
+#: violation, program limit exceeded (a row or an index entry too large). Trying again will not help.
+VALUE_REFUSED_CLASSES = frozenset({"22", "23", "54"})
+#: SQLSTATE classes of a failed session or server, whatever the statement: connection exception, invalid
+#: transaction state (25006: read-only), transaction rollback (serialization failure, deadlock),
+#: insufficient resources, object not in prerequisite state, operator intervention (shutdown,
+#: cancel), system error. The statement may well succeed after a reconnect.
+SESSION_CLASSES = frozenset({"08", "25", "40", "53", "55", "57", "58"})
+
+
+def refuses_value(exc: BaseException) -> bool:
+    """Postgres refused the statement for a value in it (bad data, a constraint, a size limit)."""
+    state = getattr(exc, "sqlstate", None) if isinstance(exc, psycopg.Error) else None
+    return state is not None and state[:2] in VALUE_REFUSED_CLASSES
+
+
+def needs_reconnect(exc: BaseException) -> bool:
+    """The session or the server failed, not the statement's values: reconnect and try again later.
+
+    A lost connection, a shutdown, a read-only server (a standby, or ``default_transaction_read_only``),
+    a serialization failure or a deadlock, too many connections. Never a value Postgres refuses.
+    """
+    if not isinstance(exc, psycopg.Error) or refuses_value(exc):
+        return False
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    return state is not None and state[:2] in SESSION_CLASSES
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What a session failure means, for the one log line an outage gets."""
+    state = getattr(exc, "sqlstate", None)
+    if state == "25006":
+        return f"Postgres is read-only (a standby, or default_transaction_read_only is on): {exc}"
+    return f"{type(exc).__name__}: {exc}".strip()
+
 
 #: TCP keepalives on every connection taskpg opens: a peer that vanished is noticed in ~25 s.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+#: Seconds a dedicated connection may take to open (libpq waits for ever by default).
+CONNECT_TIMEOUT = 10
 
 
 # -- the reconnect policy ------------------------------------------------------------------------
@@ -68,27 +105,28 @@ def reconnecting(
     what: str,
     reset: Callable[[], None],
     stop: threading.Event | None = None,
-    errors: tuple[type[Exception], ...] = CONNECTION_ERRORS,
+    retry_on: Callable[[BaseException], bool] = needs_reconnect,
     give_up_after: float | None = None,
 ) -> T:
-    """Run ``work``; after one of ``errors`` call ``reset`` and try again, waiting RECONNECT_WAIT.
+    """Run ``work``; after an error ``retry_on`` accepts (a failed session, by default) call ``reset``
+    and try again, waiting RECONNECT_WAIT.
 
     Tries until it succeeds, until ``stop`` is set, or until ``give_up_after`` seconds have passed
-    (then the last error is raised). The first try is a plain call: the retry machinery is only
-    built once a connection was lost.
+    (then the last error is raised). An outage is logged once, with its cause, and its end once. The
+    first try is a plain call: the retry machinery is only built once a connection was lost.
     """
     try:
         return work()
-    except errors as exc:
-        if stop is not None and stop.is_set():
+    except Exception as exc:
+        if not retry_on(exc) or (stop is not None and stop.is_set()):
             raise
-        logger.warning("lost the connection while %s (%s); retrying", what, exc)
+        logger.warning("%s failed (%s); retrying with backoff", what, describe_failure(exc))
         reset()
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0
-        logger.warning("lost the connection while %s (%s); retrying in %.1f s", what, error, wait)
+        logger.debug("still failing while %s (%s); retrying in %.1f s", what, error, wait)
         reset()
 
     def give_up(state: tenacity.RetryCallState) -> bool:
@@ -103,14 +141,16 @@ def reconnecting(
             stop.wait(seconds)
 
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(errors),
+        retry=tenacity.retry_if_exception(retry_on),
         wait=RECONNECT_WAIT,
         stop=give_up,
         sleep=sleep,
         before_sleep=before_sleep,
         reraise=True,
     )
-    return retrying(work)
+    result = retrying(work)
+    logger.warning("%s works again", what)
+    return result
 
 
 # -- Postgres ------------------------------------------------------------------------------------
@@ -118,7 +158,9 @@ def reconnecting(
 
 def connect(dsn: str, **kwargs: Any) -> Conn:
     """A new autocommit connection with TCP keepalives."""
-    return psycopg.connect(libpq_dsn(dsn), autocommit=True, **{**KEEPALIVES, **kwargs})
+    return psycopg.connect(
+        libpq_dsn(dsn), autocommit=True, **{**KEEPALIVES, "connect_timeout": CONNECT_TIMEOUT, **kwargs}
+    )
 
 
 class Dedicated:
@@ -224,7 +266,9 @@ class Connections:
         """A short-lived connection of its own, closed after the block."""
         try:
             conn = connect(self.dsn, connect_timeout=max(1, int(self.connect_timeout)))
-        except CONNECTION_ERRORS as exc:
+        except psycopg.Error as exc:
+            if not needs_reconnect(exc):
+                raise
             raise DatabaseUnavailable(f"cannot reach {redact(self.dsn)}: {exc}") from exc
         with conn:
             yield conn
@@ -239,15 +283,22 @@ class Connections:
         try:
             with self.pooled() as conn:
                 return work(conn)
-        except CONNECTION_ERRORS as exc:
+        except psycopg.Error as exc:
+            if not needs_reconnect(exc):
+                raise  # a statement refused as such: its own error, never "unavailable"
             if not can_retry():
-                raise DatabaseUnavailable(f"lost the connection to {redact(self.dsn)}: {exc}") from exc
+                raise self._unavailable(exc) from exc
             self.pool.check()
         try:
             with self.pooled() as conn:
                 return work(conn)
-        except CONNECTION_ERRORS as exc:
-            raise DatabaseUnavailable(f"lost the connection to {redact(self.dsn)}: {exc}") from exc
+        except psycopg.Error as exc:
+            if not needs_reconnect(exc):
+                raise
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> DatabaseUnavailable:
+        return DatabaseUnavailable(f"lost the connection to {redact(self.dsn)}: {describe_failure(exc)}")
 
     def dedicated(self, name: str, setup: Sequence[str] = ()) -> Dedicated:
         """A connection of its own for one loop (see ``Dedicated``)."""

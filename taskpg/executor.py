@@ -77,8 +77,9 @@ class Executor:
 
     @staticmethod
     def handed_back(job: ClaimedJob) -> Outcome:
-        """A claimed job that never started goes back as it was (shutdown)."""
-        return Outcome(job, JobState.AVAILABLE, refund=1)
+        """A claimed job that never started goes back as it was (shutdown): attempt refunded, and its
+        run_at kept, so it is claimed again before jobs enqueued after it."""
+        return Outcome(job, JobState.AVAILABLE, refund=1, keep_place=True)
 
     def prepare(self, job: ClaimedJob) -> Call | Outcome:
         """Check a claimed job before running it; problems become a dead Outcome with the reason."""

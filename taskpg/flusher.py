@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from . import envelope
 from .buffer import buffer_key
-from .connections import CONNECTION_ERRORS, reconnecting, redis_client, redis_errors
+from .connections import needs_reconnect, reconnecting, redis_client, redis_errors
 from .enqueue import insert_staged
 from .exceptions import DatabaseUnavailable
 from .job import NewJob
@@ -111,8 +111,6 @@ class Flusher(BackgroundLoop):
         super().__init__("flusher", app.store)
         self.tasks = app.tasks
         self.max_payload_bytes = app.max_payload_bytes
-        # Redis or Postgres away: keep the batch, try again after the backoff (a warning, no traceback).
-        self.reconnect_on = (*CONNECTION_ERRORS, DatabaseUnavailable, *redis_errors())
         self.batch_size = batch_size
         self.interval = interval
         self.lock_ttl_ms = int(lock_ttl * 1000)
@@ -219,7 +217,7 @@ class Flusher(BackgroundLoop):
             write,
             "flushing the buffer into Postgres",
             reset=lambda: None,  # the pool replaces lost connections itself
-            errors=(DatabaseUnavailable, *CONNECTION_ERRORS),
+            retry_on=lambda exc: isinstance(exc, DatabaseUnavailable) or needs_reconnect(exc),
             give_up_after=self.lock_ttl_ms / 1000 / 2,
         )
 
@@ -241,6 +239,10 @@ class Flusher(BackgroundLoop):
         insert_staged(self.store, _Announced(jobs, self.on_step), dead)
 
     # -- the background loop -------------------------------------------------------------------------
+
+    def needs_reconnect(self, exc: Exception) -> bool:
+        # Redis or Postgres away: keep the batch, try again after the backoff (a warning, no traceback).
+        return isinstance(exc, (DatabaseUnavailable, *redis_errors())) or needs_reconnect(exc)
 
     def step(self) -> float:
         """Flush every ``interval`` seconds, or as soon as a full batch waits."""

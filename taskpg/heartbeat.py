@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .connections import CONNECTION_ERRORS
+from .connections import needs_reconnect
 from .deadletter import route_dead_letter
 from .loops import BackgroundLoop
 
@@ -63,7 +63,7 @@ class Heartbeat(BackgroundLoop):
         return 0.0
 
     def on_failure(self, exc: Exception) -> None:
-        if isinstance(exc, CONNECTION_ERRORS):
+        if self.needs_reconnect(exc):
             self._in_touch_since = float("inf")  # reset by the next heartbeat that gets through
 
     def beat(self) -> None:
@@ -93,7 +93,9 @@ class Heartbeat(BackgroundLoop):
         """Remove this worker's row (after the loop stopped)."""
         try:
             self.own.delete_worker(self.worker.id)
-        except CONNECTION_ERRORS as exc:
+        except Exception as exc:
+            if not needs_reconnect(exc):
+                raise
             logger.warning("could not unregister worker %s: %s", self.worker.id, exc)
         finally:
             self.reset_connection()

@@ -145,6 +145,7 @@ class Outcome:
     error: dict[str, Any] | None = None  # a failure record (failures.py)
     refund: int = 0  # 1 = this attempt does not count (snooze, rate-limit deferral, hand-back)
     snoozed: int = 0  # 1 = counts towards the task's max_snoozes
+    keep_place: bool = False  # keep run_at, so the job keeps its place in its queue (a hand-back)
 
 
 @dataclass(frozen=True)

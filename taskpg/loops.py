@@ -14,14 +14,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from .connections import CONNECTION_ERRORS, backoff
+from .connections import backoff, describe_failure, needs_reconnect
 from .exceptions import SchemaNotReady
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .connections import Dedicated
     from .store import Store
 
@@ -58,8 +61,6 @@ class BackgroundLoop:
     connection error). ``stop_event`` lets several loops share one stop (a worker's).
     """
 
-    #: Errors after which the loop's own connection is reset before the next step.
-    reconnect_on: tuple[type[Exception], ...] = CONNECTION_ERRORS
     #: Errors no retry can mend (a schema that is not migrated): they end the loop, kept in ``error``.
     fatal: tuple[type[Exception], ...] = (SchemaNotReady,)
 
@@ -81,7 +82,11 @@ class BackgroundLoop:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
-        self.error: Exception | None = None  # the fatal error that ended the loop, if one did
+        self.error: BaseException | None = None  # what ended the loop when it ended on its own
+        #: Since when steps fail with errors that are not a failed session (None: the last step worked).
+        self.failing_since: float | None = None
+        #: Told when the loop ended without being asked to (a fatal error, or a crash of the thread).
+        self.supervisor: Callable[[BackgroundLoop], None] | None = None
         self._dedicated: Dedicated | None = None
         self._own: Store | None = None
         if connection is not None:
@@ -116,6 +121,11 @@ class BackgroundLoop:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def died(self) -> bool:
+        """The loop's thread ended without being asked to."""
+        return self._thread is not None and not self.running and (self.error is not None or not self.stopping)
 
     def stop(self) -> None:
         """Ask the loop to end after its current step."""
@@ -153,6 +163,11 @@ class BackgroundLoop:
         """One round of work; returns the seconds to wait before the next (None: until woken)."""
         raise NotImplementedError
 
+    def needs_reconnect(self, exc: Exception) -> bool:
+        """Whether a failed step means "the session failed" (reset the connection, back off, and log
+        the outage once) rather than an error to log with its traceback."""
+        return needs_reconnect(exc)
+
     def on_connect(self) -> None:
         """Told when ``own`` opened a new connection (a session of the loop's starts afresh)."""
 
@@ -166,6 +181,7 @@ class BackgroundLoop:
 
     def _run(self) -> None:
         self.started.set()
+        crashed: BaseException | None = None
         try:
             while not self._stop.is_set():
                 self._wake.clear()  # before the step: a wake() during the step cuts the next wait
@@ -182,29 +198,39 @@ class BackgroundLoop:
                 self.on_stop()
             except Exception:
                 logger.exception("%s: could not finish cleanly", self.name)
+        except BaseException as exc:  # not an Exception (those are retried): the thread ends here
+            crashed = self.error = exc
+            raise
         finally:
             self.reset_connection()
             self.signals.emit("stopped")
+            if (crashed is not None or self.error is not None or not self._stop.is_set()) and self.supervisor:
+                self.supervisor(self)
 
     def _step(self) -> float | None:
         try:
             delay = self.step()
         except self.fatal:
             raise
-        except self.reconnect_on as exc:
-            self._failures += 1
-            self.reset_connection()
-            delay = backoff(self._failures)
-            logger.warning("%s: lost its connection (%s); trying again in %.1f s", self.name, exc, delay)
-            self.on_failure(exc)
-            return delay
         except Exception as exc:
             self._failures += 1
             delay = backoff(self._failures)
-            logger.exception("%s failed; trying again in %.1f s", self.name, delay)
+            session = self.needs_reconnect(exc)
+            if not session and self.failing_since is None:
+                self.failing_since = time.monotonic()
+            if session:
+                self.reset_connection()
+                # One line per outage, with its cause; the retries of the same outage only at debug level.
+                level = logging.WARNING if self._failures == 1 else logging.DEBUG
+                logger.log(level, "%s: %s; trying again with backoff", self.name, describe_failure(exc))
+            else:
+                logger.exception("%s failed; trying again in %.1f s", self.name, delay)
             self.on_failure(exc)
             return delay
-        self._failures = 0
+        if self._failures:
+            logger.warning("%s works again after %d failed round(s)", self.name, self._failures)
+            self._failures = 0
+            self.failing_since = None
         return delay
 
     def _forget_after_fork(self) -> None:

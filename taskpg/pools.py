@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import math
 import queue
 import threading
 import time
@@ -47,6 +48,11 @@ class PoolSetup:
     on_free: Callable[[], None]  # told when a job left the pool
     limiter: RateLimiter | None = None  # asked before a rate-limited job starts
     modules: tuple[str, ...] = ()  # what the processes pool's children import (the -A module)
+    #: A job that waited in the buffer longer than ``stale_after`` seconds is started only if
+    #: ``lease_held(job)`` says its attempt still holds it (it may have been rescued meanwhile).
+    lease_held: Callable[[ClaimedJob], bool] | None = None
+    stale_after: float = math.inf
+    on_dropped: Callable[[ClaimedJob], None] = lambda job: None  # told about a job not started for that
 
 
 class Pool:
@@ -64,6 +70,8 @@ class Pool:
         self._lock = threading.Lock()
         self._in_flight = 0  # buffered + running
         self.mean_run_time: float | None = None  # seconds per job, recent jobs weighing most
+        self._setup = setup
+        self._claimed_at: dict[str, float] = {}  # job id -> when it entered the buffer
 
     def in_flight(self) -> int:
         with self._lock:
@@ -71,9 +79,33 @@ class Pool:
 
     def submit(self, jobs: Iterable[ClaimedJob]) -> None:
         jobs = list(jobs)
+        now = time.monotonic()
         with self._lock:
             self._in_flight += len(jobs)
+            self._claimed_at.update((job.id, now) for job in jobs)
         self._enqueue(jobs)
+
+    def _stale(self, job: ClaimedJob) -> bool:
+        """Whether the job waited in the buffer long enough to have been rescued meanwhile."""
+        with self._lock:
+            since = self._claimed_at.pop(job.id, None)
+        return since is not None and time.monotonic() - since > self._setup.stale_after
+
+    def _lease_lost(self, job: ClaimedJob) -> bool:
+        """Ask the database whether a stale job's attempt still holds it; True drops the job."""
+        check = self._setup.lease_held
+        if check is None:
+            return False
+        try:
+            held = check(job)
+        except Exception as exc:  # cannot tell: run it (at least once), its outcome is fenced by its lease
+            logger.warning("job %s: could not check its lease (%s); starting it", job.id, exc)
+            return False
+        if not held:
+            logger.warning("job %s was rescued while it waited in this worker's buffer; not starting it", job.id)
+            self._setup.on_dropped(job)
+            self._finished(None)
+        return not held
 
     def _finished(self, outcome: Outcome | None, started: float | None = None) -> None:
         """A job left the pool: report its outcome (None = dropped, e.g. abandoned) and free its slot."""
@@ -126,8 +158,11 @@ class Pool:
         # Over a rate limit: back to the queue until its slot, attempt refunded.
         return self.executor.deferred(job, wait) if wait > 0 else call
 
-    def prepare(self, job: ClaimedJob) -> Call | Outcome:
-        """Check the job and take its rate-limit decision: a Call to run, or an Outcome already."""
+    def prepare(self, job: ClaimedJob) -> Call | Outcome | None:
+        """Check the job and take its rate-limit decision: a Call to run, an Outcome already, or None
+        when the job is no longer this worker's (rescued while it waited; dropped)."""
+        if self._stale(job) and self._lease_lost(job):
+            return None
         prepared = self.executor.prepare(job)
         return prepared if isinstance(prepared, Outcome) else self.admit(prepared)
 
@@ -249,6 +284,8 @@ class ThreadPool(RunnerPool):
 
     def _run_one(self, runner: Runner, job: ClaimedJob) -> None:
         prepared = self.prepare(job)
+        if prepared is None:
+            return
         if isinstance(prepared, Outcome):
             self._finished(prepared)
             return
@@ -355,6 +392,8 @@ class AsyncPool(Pool):
             job = await self._queue.get()
             if job is None:
                 return
+            if self._stale(job) and await asyncio.to_thread(self._lease_lost, job):  # I/O: off the loop
+                continue
             prepared = self.executor.prepare(job)
             if isinstance(prepared, Call) and self.needs_admission(prepared):
                 prepared = await asyncio.to_thread(self.admit, prepared)  # it does I/O: keep it off the loop

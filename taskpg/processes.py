@@ -55,6 +55,8 @@ class ProcessPool(RunnerPool):
 
     def _run_one(self, runner: Runner, job: ClaimedJob) -> None:
         prepared = self.prepare(job)  # checks registration, arguments and rate limits before the child
+        if prepared is None:
+            return
         if isinstance(prepared, Outcome):
             self._finished(prepared)
             return

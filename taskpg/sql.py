@@ -199,7 +199,8 @@ RETURNING j.id::text, j.task, j.queue, j.priority, j.run_at, j.args::text, j.kwa
 
 # Write back a batch of outcomes in one statement. Each outcome row says the new state, a delay
 # (for retry/snooze), a result or an error to append, whether to refund the attempt (snooze,
-# rate-limit deferral, hand-back) and whether it counts as a snooze. Only rows still 'running'
+# rate-limit deferral, hand-back), whether it counts as a snooze, and whether the job keeps its run_at
+# (a hand-back). Only rows still 'running'
 # under the same lease change: a late write from a worker that lost its lease is a no-op.
 # Returns the ids written, the finished ones (for AsyncResult.get()) and the queues that got a job
 # back as available; ANNOUNCE tells about them after the commit. No NOTIFY in this transaction: a
@@ -212,13 +213,16 @@ WITH outcome AS (
     -- that returned None, no "result" key is a result not kept (ignore_result).
     SELECT (o ->> 'id')::uuid AS id, (o ->> 'lease')::uuid AS lease, o ->> 'state' AS state,
            coalesce((o ->> 'delay')::float8, 0) AS delay, o -> 'result' AS result, o -> 'error' AS error,
-           coalesce((o ->> 'refund')::int, 0) AS refund, coalesce((o ->> 'snoozed')::int, 0) AS snoozed
+           coalesce((o ->> 'refund')::int, 0) AS refund, coalesce((o ->> 'snoozed')::int, 0) AS snoozed,
+           coalesce((o ->> 'keep_place')::int, 0) = 1 AS keep_place
     FROM jsonb_array_elements(%(outcomes)s::jsonb) AS o
 ), finished AS (
     UPDATE {jobs} AS j
     SET state = o.state,
-        run_at = CASE WHEN o.state IN ('scheduled', 'available')
-                      THEN now() + o.delay * interval '1 second' ELSE j.run_at END,
+        -- A job handed back unstarted keeps its run_at, so it keeps its place among the queue's jobs.
+        run_at = CASE WHEN o.keep_place THEN j.run_at
+                      WHEN o.state IN ('scheduled', 'available') THEN now() + o.delay * interval '1 second'
+                      ELSE j.run_at END,
         finished_at = CASE WHEN o.state IN ('succeeded', 'dead') THEN now() END,
         result = o.result,
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(o.error) END,
@@ -240,6 +244,10 @@ SELECT coalesce(array_agg(id::text), '{{}}'),
        coalesce(array_agg(DISTINCT queue) FILTER (WHERE state = 'available'), '{{}}')
 FROM finished
 """
+
+# Whether this attempt still holds the job: a job that waited long in a worker's buffer may have been
+# rescued meanwhile (the worker was paused past --rescue-after) and claimed elsewhere.
+LEASE_HELD = "SELECT EXISTS (SELECT 1 FROM {jobs} WHERE id = %(id)s AND state = 'running' AND lease = %(lease)s)"
 
 # After a commit: announce finished ids on the done channel (payloads of at most 200 ids, under
 # NOTIFY's 8000-byte limit) and wake queues; used for the worker's finishes and for debounced
@@ -506,6 +514,7 @@ class Queries:
         self.schema_version = self._render(SCHEMA_VERSION)
         self.claim_jobs = self._render(CLAIM_JOBS)
         self.finish_jobs = self._render(FINISH_JOBS)
+        self.lease_held = self._render(LEASE_HELD)
         self.announce = self._render(ANNOUNCE)
         self.promote_due = self._render(PROMOTE_DUE)
         self.heartbeat = self._render(HEARTBEAT)

@@ -389,8 +389,12 @@ class Store:
         for note in self._bound().notifies(timeout=timeout):
             yield note.payload
 
+    def probe(self, payload: str) -> None:
+        """Send ``payload`` on the new-jobs channel: a listener checks with it that it still hears."""
+        self._all(self.q.notify_queues, {"channel": self.q.jobs_channel, "queues": [payload]})
+
     def ping(self) -> None:
-        """A round trip, so that a half-open connection is noticed."""
+        """A round trip that reads nothing."""
         self._one(PING)
 
     # -- claim and finish ------------------------------------------------------------------------
@@ -420,6 +424,11 @@ class Store:
         row = self._one(self.q.finish_jobs, {"outcomes": outcomes_json(outcomes)})
         changed, finished, woken = row if row else ([], [], [])
         return Finished(list(changed), list(finished), list(woken))
+
+    def lease_held(self, job: ClaimedJob) -> bool:
+        """Whether ``job``'s attempt still holds it (running, with this lease)."""
+        row = self._one(self.q.lease_held, {"id": job.id, "lease": job.lease})
+        return bool(row and row[0])
 
     def announce(self, finished: Sequence[str], queues: Sequence[str]) -> None:
         """Tell ``get()`` waiters about finished jobs and wake the workers of ``queues`` (after a commit)."""
@@ -591,6 +600,8 @@ def outcomes_json(batch: Sequence[Outcome]) -> str:
             item += f',"refund":{int(outcome.refund)}'
         if outcome.snoozed:
             item += f',"snoozed":{int(outcome.snoozed)}'
+        if outcome.keep_place:
+            item += ',"keep_place":1'
         items.append(item + "}")
     return "[" + ",".join(items) + "]"
 

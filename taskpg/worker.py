@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .completer import Completer
+from .completer import Completer, write_outcomes
 from .connections import reconnecting
 from .executor import Executor
 from .flusher import Flusher
@@ -54,6 +54,8 @@ PREFETCH_MULTIPLIER = 4  # default buffer: 4 jobs per slot, as Celery's worker_p
 BUFFERED_WORK_SECONDS = 0.02
 AUTO_PREFETCH_MAX = 256
 CAP_RECHECK = 0.05  # seconds between claims while a capped queue is full
+#: The fetch loop looks at least this often whether the worker's background loops are alive.
+SUPERVISE_EVERY = 1.0
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Worker:
         self.started = threading.Event()
         self.listener = Listener(self.store, self.settings.queues, self._wake_for_work, self._stop)
         self.stager = Stager(self.store, self.settings.stage_interval, self._wake_for_work, self._stop)
+        self.broken: list[str] = []  # background loops that died or got stuck: the worker stops, exit code 1
 
     @property
     def listening(self) -> threading.Event:
@@ -196,14 +199,28 @@ class Worker:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         self.completer = Completer(self.store, self.tasks, on_written=self._forget)
-        setup = PoolSetup(self.executor, s.concurrency, self._on_outcome, self._on_free, self.limiter, tuple(s.modules))
+        setup = PoolSetup(
+            self.executor,
+            s.concurrency,
+            self._on_outcome,
+            self._on_free,
+            self.limiter,
+            tuple(s.modules),
+            # A job that waited long enough to have been rescued during a pause is checked before it starts.
+            lease_held=self.store.lease_held,
+            stale_after=s.rescue_after / 2,
+            on_dropped=self._drop,
+        )
         self.pool = make_pool(s.pool, setup)
         info = WorkerInfo(self.id, socket.gethostname(), os.getpid(), list(s.queues), s.concurrency)
-        heartbeat = Heartbeat(
-            self.store, self.tasks, info, s.heartbeat_interval, s.rescue_after, self._held_ids, self._stop
-        )
-        heartbeat.start()
+        # The heartbeat has a stop of its own: it goes on until the last outcome is written, so that a
+        # worker finishing its jobs within --grace is not taken for dead and its jobs run twice.
+        heartbeat = Heartbeat(self.store, self.tasks, info, s.heartbeat_interval, s.rescue_after, self._held_ids)
         loops = [self.listener, self.stager, *([self.flusher] if self.flusher else [])]
+        self._supervised = [self.completer, heartbeat, *loops]
+        for loop in self._supervised:
+            loop.supervisor = self._loop_died
+        heartbeat.start()
         for loop in loops:
             loop.start()
         logger.info(
@@ -216,16 +233,44 @@ class Worker:
             if self.flusher is not None:
                 self.flusher.stop()
             code = self._shutdown()
+            heartbeat.stop()
             for loop in [*loops, heartbeat]:
                 loop.join(5)
             heartbeat.unregister()
         return code
+
+    # -- supervision -----------------------------------------------------------------------------
+
+    def _loop_died(self, loop: Any) -> None:
+        """A background loop ended on its own: stop claiming, hand back, exit non-zero."""
+        if self._stop.is_set() and loop.error is None:
+            return
+        self._broken(loop.name, f"stopped: {loop.error!r}" if loop.error is not None else "its thread ended")
+
+    def _broken(self, name: str, why: str) -> None:
+        if name in self.broken:
+            return
+        self.broken.append(name)
+        logger.error(
+            "the worker's %s loop %s; the worker stops claiming, hands back its jobs and exits with code 1", name, why
+        )
+        if not self._stop.is_set():
+            self.stop()
+
+    def _supervise(self) -> None:
+        """Loops that keep failing with errors no reconnect mends count as broken too."""
+        now = time.monotonic()
+        for loop in self._supervised:
+            since = loop.failing_since
+            if since is not None and now - since > self.settings.rescue_after:
+                self._broken(loop.name, f"has failed for over {self.settings.rescue_after:g} s")
 
     def _fetch_loop(self) -> None:
         s = self.settings
         last_claim = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
+            self._supervise()
             assert self.pool is not None
             room = self._room()  # when outcome writes slow down, claiming slows down too
             # Refill in batches: wait until a batch worth of room is free (one slot when prefetch=0).
@@ -243,7 +288,7 @@ class Worker:
                 self._wanted = True
                 self._wake.wait(CAP_RECHECK)
             else:
-                self._wake.wait(s.poll_interval)
+                self._wake.wait(min(s.poll_interval, SUPERVISE_EVERY))
             self._wake.clear()
 
     def _claiming(self, work: Callable[[], list[ClaimedJob]]) -> list[ClaimedJob]:
@@ -284,6 +329,11 @@ class Worker:
         assert self.completer is not None
         self.completer.add(outcome)
 
+    def _drop(self, job: ClaimedJob) -> None:
+        """A buffered job turned out to be rescued elsewhere: it is not this worker's any more."""
+        with self._held_lock:
+            self._held.pop(job.id, None)
+
     def _forget(self, written: list[Outcome]) -> None:
         """Outcomes are in the database: these jobs are no longer held by this worker."""
         with self._held_lock:
@@ -312,11 +362,40 @@ class Worker:
             for job in still_running:
                 reason = "the worker stopped before the job finished"
                 self._on_outcome(self.executor.failed(job, "WorkerShutdown", reason))
-        self.completer.close()
+        # A writer that keeps failing is not waited for: what it holds is rescued once this worker is gone.
+        self.completer.close(timeout=1.0 if self.completer.failing_since is not None else 30.0)
+        if not self.completer.running:
+            self._write_directly(self.completer.take_unwritten())
+        unwritten = self.completer.pending()
+        if unwritten:
+            code = 1
+            logger.error(
+                "%d outcome(s) could not be written before exit; their jobs will be rescued after --rescue-after",
+                unwritten,
+            )
+        if self.broken:
+            code = 1
         self.pool.close()
         self._claims.close()
         logger.info("worker %s stopped", self.id)
         return code
+
+    def _write_directly(self, outcomes: list[Outcome]) -> None:
+        """Write outcomes the completer left (it died) on a pooled connection, trying for ``grace``."""
+        if not outcomes:
+            return
+        try:
+            reconnecting(
+                lambda: write_outcomes(self.store, outcomes, self.tasks),
+                "writing the outcomes the outcome writer left",
+                reset=lambda: None,
+                give_up_after=self.settings.grace,
+            )
+        except Exception as exc:
+            logger.error("could not write %d outcome(s) at shutdown: %s", len(outcomes), exc)
+            self.broken.append("shutdown")
+            return
+        self._forget(outcomes)
 
 
 def make_pool(kind: str, setup: PoolSetup) -> Pool:

@@ -489,7 +489,7 @@ def test_failed_is_retried_while_attempts_remain_then_dead(offline: TaskPG) -> N
 def test_deferred_and_handed_back_refund_the_attempt() -> None:
     job = claimed()
     assert Executor.deferred(job, 1.5) == Outcome(job, JobState.SCHEDULED, delay=1.5, refund=1)
-    assert Executor.handed_back(job) == Outcome(job, JobState.AVAILABLE, refund=1)
+    assert Executor.handed_back(job) == Outcome(job, JobState.AVAILABLE, refund=1, keep_place=True)
 
 
 # -- executor: prepare / adopt -----------------------------------------------------------------------

@@ -294,3 +294,23 @@ def test_info_log_has_one_start_and_one_finish_line_per_job(
             f"job {job_id}: expected one start and one finish line, got:\n" + "\n".join(lines)
         )
         assert all(" INFO taskpg.worker: " in line for line in lines), lines
+
+
+def test_a_handed_back_job_keeps_its_place_in_its_queue(app: TaskPG, db: Any) -> None:
+    """A job handed back unstarted at shutdown keeps its run_at: it is claimed again before the jobs
+    enqueued after it, with its attempt given back."""
+    from taskpg.completer import write_outcomes
+    from taskpg.executor import Executor
+
+    @app.task
+    def work(n: int) -> int:
+        return n
+
+    first = work.delay(1)
+    run_at = job_row(db, app, first.id)["run_at"]
+    (claimed,) = app.store.claim(["default"], 1, "stopping-worker")
+    later = work.delay(2)  # enqueued while the first was held
+    assert write_outcomes(app.store, [Executor.handed_back(claimed)], app.tasks) == [first.id]
+    stored = job_row(db, app, first.id)
+    assert (stored["state"], stored["attempt"], stored["run_at"]) == ("available", 0, run_at)
+    assert [job.id for job in app.store.claim(["default"], 2, "next-worker")] == [first.id, later.id]
