@@ -21,7 +21,7 @@ from .flusher import Flusher
 from .job import JobState
 from .pools import POOL_CHOICES
 from .rates import parse_duration
-from .worker import Worker, WorkerSettings
+from .worker import TIME_LIMIT_POOLS, Worker, WorkerSettings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -99,6 +99,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         grace=args.grace,
         modules=[module],
         flush_buffer=not args.no_flush,
+        time_limit_pool=args.time_limit_pool,
     )
     if not args.beat:
         return Worker(app, settings).run()
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--concurrency", type=int, default=w.concurrency, help="jobs run at once (default: %(default)s)"
     )
     worker.add_argument("--pool", choices=POOL_CHOICES, default=w.pool)
+    worker.add_argument(
+        "--time-limit-pool",
+        choices=TIME_LIMIT_POOLS,
+        default=w.time_limit_pool,
+        help="where the threads and async pools run tasks with a time_limit (default: %(default)s: exact limits)",
+    )
     worker.add_argument(
         "--prefetch",
         type=int,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .children import ChildPool
 from .exceptions import ConfigurationError, SoftTimeLimitExceeded, TimeLimitExceeded
 from .executor import Call, Executor
 from .job import ClaimedJob, Outcome
@@ -53,6 +54,9 @@ class PoolSetup:
     lease_held: Callable[[ClaimedJob], bool] | None = None
     stale_after: float = math.inf
     on_dropped: Callable[[ClaimedJob], None] = lambda job: None  # told about a job not started for that
+    #: Run the calls of tasks that declare a ``time_limit`` in child processes (needs ``modules``), so
+    #: that the hard limit really stops them (children.py). Off: they run in the pool like the others.
+    time_limits_in_children: bool = False
 
 
 class Pool:
@@ -72,6 +76,8 @@ class Pool:
         self.mean_run_time: float | None = None  # seconds per job, recent jobs weighing most
         self._setup = setup
         self._claimed_at: dict[str, float] = {}  # job id -> when it entered the buffer
+        isolate = setup.time_limits_in_children or self.kind == "processes"
+        self._children = ChildPool(list(setup.modules), setup.executor, setup.concurrency) if isolate else None
 
     def in_flight(self) -> int:
         with self._lock:
@@ -138,6 +144,10 @@ class Pool:
             self._in_flight -= 1
         self._on_free()
 
+    def isolated(self, call: Call) -> bool:
+        """Whether the call runs in a child process (children.py)."""
+        return self._children is not None and call.task.options.time_limit is not None
+
     def needs_admission(self, call: Call) -> bool:
         """Whether the call must pass a rate limit before it starts (a decision that does I/O)."""
         return self.limiter is not None and self.limiter.applies_to(call.task, call.job.queue)
@@ -187,6 +197,8 @@ class Pool:
 
     def close(self) -> None:
         """Stop the pool's threads/processes once nothing is running (or at abort)."""
+        if self._children is not None:
+            self._children.close()
 
 
 # -- threads ---------------------------------------------------------------------------------
@@ -199,6 +211,7 @@ class Running:
     thread: threading.Thread
     soft_sent: bool = False
     abandoned: bool = False
+    isolated: bool = False  # runs in a child process, which enforces its own limits
 
 
 @dataclass
@@ -241,6 +254,30 @@ class RunnerPool(Pool):
                 continue
 
     def _run_one(self, runner: Runner, job: ClaimedJob) -> None:
+        prepared = self.prepare(job)
+        if prepared is None:
+            return
+        if isinstance(prepared, Outcome):
+            self._finished(prepared)
+            return
+        started = self._started(prepared)
+        isolated = self.isolated(prepared)
+        with runner.lock:
+            runner.current = Running(prepared, started, runner.thread, isolated=isolated)
+        if isolated:
+            assert self._children is not None
+            outcome = self._children.run(prepared)
+        else:
+            outcome = self._run_here(prepared)
+        with runner.lock:
+            running, runner.current = runner.current, None
+        if running is not None and running.abandoned:
+            logger.warning("job %s finished after its time limit; its late outcome is discarded", job.id)
+            return  # the watchdog already failed this attempt and freed the slot
+        self._finished(outcome, started)
+
+    def _run_here(self, call: Call) -> Outcome:
+        """Run a call that is not isolated in a child, in this runner thread."""
         raise NotImplementedError
 
     def take_unstarted(self) -> list[ClaimedJob]:
@@ -265,6 +302,7 @@ class RunnerPool(Pool):
         return jobs
 
     def close(self) -> None:
+        super().close()
         self._stopping.set()
         for _ in self._runners:
             self._queue.put(None)
@@ -282,23 +320,8 @@ class ThreadPool(RunnerPool):
         self._watchdog = threading.Thread(target=self._watch, name="taskpg-watchdog", daemon=True)
         self._watchdog.start()
 
-    def _run_one(self, runner: Runner, job: ClaimedJob) -> None:
-        prepared = self.prepare(job)
-        if prepared is None:
-            return
-        if isinstance(prepared, Outcome):
-            self._finished(prepared)
-            return
-        started = self._started(prepared)
-        with runner.lock:
-            runner.current = Running(prepared, started, runner.thread)
-        outcome = self._run_on_loop(prepared) if self.executor.is_async(prepared) else self.executor.run_sync(prepared)
-        with runner.lock:
-            running, runner.current = runner.current, None
-        if running is not None and running.abandoned:
-            logger.warning("job %s finished after its time limit; its late outcome is discarded", job.id)
-            return  # the watchdog already failed this attempt and freed the slot
-        self._finished(outcome, started)
+    def _run_here(self, call: Call) -> Outcome:
+        return self._run_on_loop(call) if self.executor.is_async(call) else self.executor.run_sync(call)
 
     def _run_on_loop(self, call: Call) -> Outcome:
         if self._loop is None:
@@ -316,8 +339,8 @@ class ThreadPool(RunnerPool):
             for runner in list(self._runners):
                 with runner.lock:
                     running = runner.current
-                    if running is None or running.abandoned or self.executor.is_async(running.call):
-                        continue  # async tasks are cancelled by asyncio.wait_for on the loop instead
+                    if running is None or running.abandoned or running.isolated or self.executor.is_async(running.call):
+                        continue  # children enforce their own limits; async tasks are cancelled by wait_for
                     options = running.call.task.options
                     elapsed = now - running.started
                     if options.time_limit is not None and elapsed >= options.time_limit:
@@ -404,7 +427,10 @@ class AsyncPool(Pool):
             self._running[job.id] = job
             options = prepared.task.options
             try:
-                if self.executor.is_async(prepared):
+                if self.isolated(prepared):
+                    assert self._children is not None
+                    outcome = await asyncio.to_thread(self._children.run, prepared)
+                elif self.executor.is_async(prepared):
                     outcome = await self.executor.run_async(prepared, options.soft_time_limit or options.time_limit)
                 else:
                     outcome = await asyncio.to_thread(self.executor.run_sync, prepared)
@@ -430,6 +456,7 @@ class AsyncPool(Pool):
         return list(self._running.values())
 
     def close(self) -> None:
+        super().close()
         for _ in range(self.concurrency):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
 

@@ -54,6 +54,7 @@ PREFETCH_MULTIPLIER = 4  # default buffer: 4 jobs per slot, as Celery's worker_p
 BUFFERED_WORK_SECONDS = 0.02
 AUTO_PREFETCH_MAX = 256
 CAP_RECHECK = 0.05  # seconds between claims while a capped queue is full
+TIME_LIMIT_POOLS = ("processes", "threads")
 #: The fetch loop looks at least this often whether the worker's background loops are alive.
 SUPERVISE_EVERY = 1.0
 
@@ -74,6 +75,10 @@ class WorkerSettings:
     grace: float = 30.0  # seconds running jobs get to finish at shutdown
     modules: list[str] = field(default_factory=list)  # imported by the processes pool's children
     flush_buffer: bool = True  # run the Redis buffer flusher in this worker when the app has redis_url
+    #: Where the threads and async pools run tasks that declare a time_limit: "processes" (a child
+    #: process, killed at the limit, so the limit is exact; needs ``modules``) or "threads" (in the pool,
+    #: where a hard limit fails the attempt but cannot stop the function).
+    time_limit_pool: str = "processes"
 
     def __post_init__(self) -> None:
         self.queues = [validate_queue_name(q) for q in self.queues]
@@ -81,6 +86,8 @@ class WorkerSettings:
             raise ValueError("concurrency must be at least 1")
         if self.rescue_after <= self.heartbeat_interval * 2:
             raise ValueError("rescue_after must be more than twice the heartbeat interval")
+        if self.time_limit_pool not in TIME_LIMIT_POOLS:
+            raise ValueError(f"time_limit_pool={self.time_limit_pool!r}: expected one of {TIME_LIMIT_POOLS}")
 
     def prefetch_for(self, mean_run_time: float | None) -> int:
         """Jobs buffered beyond ``concurrency``: the ``prefetch`` setting, or automatically 4 per slot
@@ -210,6 +217,7 @@ class Worker:
             lease_held=self.store.lease_held,
             stale_after=s.rescue_after / 2,
             on_dropped=self._drop,
+            time_limits_in_children=self._time_limits_in_children(),
         )
         self.pool = make_pool(s.pool, setup)
         info = WorkerInfo(self.id, socket.gethostname(), os.getpid(), list(s.queues), s.concurrency)
@@ -238,6 +246,22 @@ class Worker:
                 loop.join(5)
             heartbeat.unregister()
         return code
+
+    def _time_limits_in_children(self) -> bool:
+        """Whether tasks with a time_limit run in child processes (see WorkerSettings.time_limit_pool)."""
+        s = self.settings
+        if s.pool == "processes" or s.time_limit_pool != "processes":
+            return False
+        if s.modules:
+            return True
+        limited = sorted(t.name for t in self.tasks.values() if t.options.time_limit is not None)
+        if limited:
+            logger.warning(
+                "tasks %s have a time_limit, but this worker knows no module to import in a child process "
+                "(modules=, the -A module): their hard limit fails the attempt without stopping the function",
+                ", ".join(limited),
+            )
+        return False
 
     # -- supervision -----------------------------------------------------------------------------
 

@@ -120,3 +120,27 @@ def test_processes_pool_enforces_time_limits(
         assert pid not in child_pids
     assert worker.proc.poll() is None
     worker.stop()
+
+
+@pytest.mark.parametrize("pool", ["threads", "async"])
+def test_a_hard_limit_stops_the_function_in_the_threads_and_async_pools(
+    spawn: Callable[..., WorkerProcess], tasks: SimpleNamespace, db: psycopg.Connection, migrated_schema: str, pool: str
+) -> None:
+    """A task with a time_limit runs in a child process (the worker knows its -A module), which is killed at
+    the limit: the function really stops, so a retry can never overlap it."""
+    worker = spawn(concurrency=2, pool=pool)
+    worker.wait_ready()
+    handle = tasks.hang.delay(1)  # time_limit=1, max_retries=0, sleeps 30 s
+    row = wait_watching_workers(
+        "the attempt to be failed",
+        lambda: (r := job_row(db, migrated_schema, handle.id))["state"] == "dead" and r,
+        30,
+        [worker],
+    )
+    assert [e["type"] for e in row["errors"]] == ["TimeLimitExceeded"], row["errors"]
+    (pid,) = execution_pids(db, migrated_schema, handle.id)
+    assert pid != worker.pid  # it ran in a child...
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ...which is gone: the function was stopped, not abandoned
+    assert "killing its child process" in worker.log()
+    worker.stop()
