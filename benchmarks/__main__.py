@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import targets
+from .limits import LIMIT_WORKLOADS
 from .pg import server_info
 from .runner import DEFAULT_SCALE, Bench, json_line, run_cases, table
 from .steady import STEADY_WORKLOADS, debounce_supported
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-ALL_WORKLOADS = [*WORKLOADS, *STEADY_WORKLOADS]
+ALL_WORKLOADS = [*WORKLOADS, *STEADY_WORKLOADS, *LIMIT_WORKLOADS]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .limits import DELIVERED_TARGET, W9_VARIANTS
 from .steady import BLOAT_TARGET, DEBOUNCE_TARGET, PRUNE_KEEP, RECOVERED
 from .workloads import W1_BATCHES
 
@@ -24,7 +25,7 @@ class Target:
 def evaluate(results: list[Result]) -> list[Target]:
     found = {r.case.id: r for r in results if r.ok}
     targets: list[Target] = []
-    for check in (_w1, _w1b, _w2, _w3, _w3b, _w4, _w5, _w6, _w7):
+    for check in (_w1, _w1b, _w2, _w3, _w3b, _w4, _w5, _w6, _w7, _w9):
         targets += check(found)
     return targets
 
@@ -189,3 +190,19 @@ def table(targets: list[Target]) -> str:
 
 def json_line(target: Target) -> str:
     return json.dumps({"kind": "target", **target.__dict__})
+
+
+def _w9(found: dict[str, Result]) -> list[Target]:
+    targets = []
+    for case_id, _, _ in W9_VARIANTS:
+        r = found.get(case_id)
+        if r is None:
+            continue
+        e = r.extra()
+        measured = (
+            f"{e['delivered_per_s']}/s of {e['limit_per_s']}/s = {e['delivered_vs_limit']:.1%}; most in a period"
+            f" {e['most_in_a_period']} of {e['limit_per_period']}; {e['updates_per_job']} row updates per job"
+        )
+        met = DELIVERED_TARGET <= e["delivered_vs_limit"] <= 1.0 and e["most_in_a_period"] <= e["limit_per_period"]
+        targets.append(Target("W9", f"{r.case.variant}: within 5 % of the limit, never over", measured, met))
+    return targets

@@ -76,8 +76,16 @@ class WorkerProcesses:
     """``with WorkerProcesses(dsn, schema, 2, concurrency=8):`` ``taskpg worker`` processes on the
     schema, registered (heartbeat row written) before the block starts; SIGTERM at the end."""
 
-    def __init__(self, dsn: str, schema: str, processes: int, concurrency: int, pool: str = "threads") -> None:
-        self.dsn, self.schema, self.count = dsn, schema, processes
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        processes: int,
+        concurrency: int,
+        pool: str = "threads",
+        redis_url: str | None = None,
+    ) -> None:
+        self.dsn, self.schema, self.count, self.redis_url = dsn, schema, processes, redis_url
         self.command = [
             *(sys.executable, "-m", "taskpg", "worker", "-A", "benchmarks.tasks"),
             *("--dsn", dsn, "--schema", schema, "-c", str(concurrency), "--pool", pool),
@@ -89,6 +97,8 @@ class WorkerProcesses:
         env = {**os.environ, "TASKPG_DSN": self.dsn, "TASKPG_SCHEMA": self.schema}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env.pop("TASKPG_REDIS_URL", None)
+        if self.redis_url is not None:  # the app's Redis: here its rate limiter's state (no flusher runs)
+            env["TASKPG_REDIS_URL"] = self.redis_url
         try:
             for _ in range(self.count):
                 log = tempfile.TemporaryFile()

@@ -249,7 +249,7 @@ class TaskPG:
 
     def queue(self, name: str, *, rate_limit: str | float | None = None, concurrency: int | None = None) -> None:
         """Limits for every job of a queue, across all workers: ``rate_limit`` ("N/period", starts
-        per sliding window) and ``concurrency`` (most jobs running at once)."""
+        spaced evenly, at most N in any window of the period) and ``concurrency`` (most jobs running at once)."""
         validate_queue_name(name)
         if concurrency is not None and (
             isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1

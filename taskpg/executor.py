@@ -72,8 +72,15 @@ class Executor:
 
     @staticmethod
     def deferred(job: ClaimedJob, wait: float) -> Outcome:
-        """Back to the queue for ``wait`` seconds without spending the attempt (a rate limit said so)."""
+        """Back to the queue for ``wait`` seconds without spending the attempt (the limiter is away)."""
         return Outcome(job, JobState.SCHEDULED, delay=wait, refund=1)
+
+    @staticmethod
+    def reserved(job: ClaimedJob, wait: float, slot_at: float, lead: float) -> Outcome:
+        """Back to the queue until ``lead`` seconds before the start a rate limiter reserved for it
+        (``slot_at``, ``wait`` seconds from now), without spending the attempt."""
+        wake = max(0.0, wait - lead)
+        return Outcome(job, JobState.SCHEDULED, delay=wake, refund=1, slot_at=slot_at, wake_at=slot_at - wait + wake)
 
     @staticmethod
     def handed_back(job: ClaimedJob) -> Outcome:

@@ -132,6 +132,9 @@ class ClaimedJob:
     max_attempts: int
     snoozes: int
     lease: str
+    #: The start a rate limiter reserved for the job (epoch seconds, the limiter's clock; None: none). It
+    #: starts then without asking again (the limiter already counted it).
+    slot_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,8 @@ class Outcome:
     refund: int = 0  # 1 = this attempt does not count (snooze, rate-limit deferral, hand-back)
     snoozed: int = 0  # 1 = counts towards the task's max_snoozes
     keep_place: bool = False  # keep run_at, so the job keeps its place in its queue (a hand-back)
+    slot_at: float | None = None  # a start a rate limiter reserved for the job (epoch seconds, limiter's clock)
+    wake_at: float | None = None  # then the job is due again at this moment, a little before its start
 
 
 @dataclass(frozen=True)

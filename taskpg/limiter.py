@@ -1,11 +1,11 @@
-"""Limits checked when jobs start: rate limits over sliding windows, and queue concurrency caps.
+"""Limits checked when jobs start: rate limits (GCRA, reserved starts), and queue concurrency caps.
 
 - A **rate limit** (``rate_limit="N/period"``, optional ``rate_limit_key``; or a queue's
-  ``app.queue(name, rate_limit=...)``) lets at most N jobs start in any sliding window of that
-  length, across all workers. A job over the limit is put back until its slot without spending an
-  attempt. The window log lives in a backend: ``RedisWindows`` (a sorted set per key, one Lua round
-  trip, Redis' clock) when the app has ``redis_url``, else ``PostgresWindows`` (the ``rate_events``
-  table under an advisory lock, Postgres' clock), with the same semantics.
+  ``app.queue(name, rate_limit=...)``) spaces the starts of its jobs at least ``period / N`` apart,
+  across all workers, so that any window of that length holds at most N. A job whose start is later
+  is put back until then, its start reserved, without spending an attempt. The state lives in a
+  backend: ``RedisRates`` (one key, one Lua round trip, Redis' clock) when the app has ``redis_url``,
+  else ``PostgresRates`` (one row of ``rate_limits``, one upsert, Postgres' clock).
 - A **queue concurrency cap** (``app.queue(name, concurrency=N)``) bounds the jobs of a queue
   running at once; it is applied when claiming (``Store.claim_capped``).
 
@@ -14,15 +14,14 @@ Throttles and unique jobs, checked at enqueue, are in ``guards.py``.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .connections import redis_client
 from .guards import render_key
+from .store import RateSlot
 
 if TYPE_CHECKING:
-    import datetime as dt
     from collections.abc import Mapping, Sequence
 
     import redis
@@ -31,11 +30,14 @@ if TYPE_CHECKING:
     from .store import Store
     from .task import Task
 
-#: Every rate-limit window is longer than asked by 2 %, and by at least 0.1 s: a start is recorded a
-#: moment before the task runs, and the margin keeps the task's own start times inside the limit too
-#: (the delay between grant and call is absolute, up to tens of ms on a busy host).
+#: Every rate-limit window is enforced longer than asked by 2 %, and by at least 0.04 s: a job starts a
+#: little after the start reserved for it, and the margin keeps the task's own start times inside the
+#: limit too. TOLERANCE of it is how late a job may begin at its reserved start (busy runners, a slow
+#: promotion: tens of ms on a loaded host); the rest covers the step from there to the task's first line
+#: (well under 1 ms on an idle host, a few ms on a loaded one).
 RATE_MARGIN = 0.02
-RATE_MARGIN_MIN_SECONDS = 0.1
+RATE_MARGIN_MIN_SECONDS = 0.04
+TOLERANCE = 0.75
 
 
 @dataclass(frozen=True)
@@ -52,103 +54,108 @@ def window_seconds(rate: Rate) -> float:
     return rate.seconds + max(rate.seconds * RATE_MARGIN, RATE_MARGIN_MIN_SECONDS)
 
 
-@dataclass(frozen=True)
-class Grant:
-    """A window backend's answer: a start granted (with a token to give it back), or the wait."""
+def tolerance_seconds(rate: Rate) -> float:
+    """How late a job may start after the start reserved for it and keep ``rate``: 3/4 of the margin.
 
-    token: Any = None
-    wait: float = 0.0
-
-    @property
-    def granted(self) -> bool:
-        return self.wait <= 0
+    Two starts N apart are reserved a window apart; if the earlier is late by more than the margin
+    (window - period), both fall into one period with the N - 1 between them. A quarter of it is kept
+    for the moment between the check and the task's first line.
+    """
+    return (window_seconds(rate) - rate.seconds) * TOLERANCE
 
 
-class WindowBackend(Protocol):
-    """Where the sliding-window logs live."""
-
-    def take(self, key: str, count: int, window: float) -> Grant: ...
-
-    def release(self, key: str, token: Any) -> None: ...
+def interval_seconds(rate: Rate) -> float:
+    """How far apart the starts under ``rate`` are: N per window, spaced evenly."""
+    return window_seconds(rate) / rate.count
 
 
-# KEYS: the key's sorted set. ARGV: window seconds, count, member. Redis' own clock.
-_REDIS_TAKE = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
-local window = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
-  return '0'
-end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return tostring(tonumber(oldest[2]) + window - now)
+class RateBackend(Protocol):
+    """Where the limiter keys' state lives."""
+
+    def reserve(self, key: str, interval: float) -> RateSlot:
+        """Reserve the next start of ``key`` (starts ``interval`` seconds apart)."""
+        ...
+
+
+# KEYS: the key. ARGV: interval seconds. GCRA on Redis' clock: the value is the key's theoretical
+# arrival time (the earliest next start); a reservation takes max(tat, now) and moves tat past it.
+_REDIS_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local start = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+local tat = start + interval
+redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+return {string.format('%.6f', start - now), string.format('%.6f', start)}
 """
 
 
-class RedisWindows:
-    """Window logs as Redis sorted sets (one member per start)."""
+class RedisRates:
+    """GCRA state in Redis: one string per key, one Lua round trip per decision."""
 
     def __init__(self, client: redis.Redis[bytes], prefix: str) -> None:
-        self.client = client
         self.prefix = prefix
-        self._take = client.register_script(_REDIS_TAKE)
+        self._reserve = client.register_script(_REDIS_RESERVE)
 
-    def take(self, key: str, count: int, window: float) -> Grant:
-        member = uuid.uuid4().hex
-        wait = float(self._take(keys=[self.prefix + key], args=[window, count, member]))
-        return Grant(member) if wait <= 0 else Grant(wait=wait + 0.001)
-
-    def release(self, key: str, token: Any) -> None:
-        self.client.zrem(self.prefix + key, token)
+    def reserve(self, key: str, interval: float) -> RateSlot:
+        wait, at = self._reserve(keys=[self.prefix + key], args=[interval])
+        return RateSlot(max(0.0, float(wait)), float(at))
 
 
-class PostgresWindows:
-    """Window logs as rows of ``rate_events``, one short transaction per decision."""
+class PostgresRates:
+    """GCRA state in the rate_limits table: one row per key, one upsert per decision."""
 
     def __init__(self, store: Store, prefix: str) -> None:
         self.store = store
         self.prefix = prefix
 
-    def take(self, key: str, count: int, window: float) -> Grant:
-        decision = self.store.rate_take(self.prefix + key, count, window)
-        if decision.granted_at is not None:
-            return Grant(decision.granted_at)
-        return Grant(wait=max(decision.wait, 0.0) + 0.001)
-
-    def release(self, key: str, token: dt.datetime) -> None:
-        self.store.rate_release(self.prefix + key, token)
+    def reserve(self, key: str, interval: float) -> RateSlot:
+        return self.store.rate_reserve(self.prefix + key, interval)
 
 
 class RateLimiter:
-    """Decides whether a job may start now; the answer is 0 or the seconds to wait."""
+    """Decides when a job may start: it reserves the job's start under each limit that applies.
 
-    def __init__(self, backend: WindowBackend, queues: Mapping[str, QueueOptions]) -> None:
+    GCRA without bursts: the starts under ``N/period`` are spaced evenly, at least ``window / N``
+    apart, so any window of the period holds at most N of them (as Celery's rate limits space tasks).
+    A job whose start is in the future is put back until then, with that start reserved for it
+    (``jobs.rate_slot``): it is not asked again, so a full limiter costs each job one put-back, not
+    one per look. Constant work per decision, in Redis or in Postgres.
+    """
+
+    def __init__(self, backend: RateBackend, queues: Mapping[str, QueueOptions]) -> None:
         self.backend = backend
         self.queues = queues
 
     @classmethod
     def build(cls, store: Store, queues: Mapping[str, QueueOptions], redis_url: str | None) -> RateLimiter:
-        """The limiter of one app: windows in Redis when it has ``redis_url``, else in Postgres."""
+        """The limiter of one app: state in Redis when it has ``redis_url``, else in Postgres."""
         prefix = f"taskpg:{store.schema}:rate:"
-        backend: WindowBackend
-        backend = PostgresWindows(store, prefix) if redis_url is None else RedisWindows(redis_client(redis_url), prefix)
+        backend: RateBackend
+        backend = PostgresRates(store, prefix) if redis_url is None else RedisRates(redis_client(redis_url), prefix)
         return cls(backend, queues)
+
+    def rates_of(self, task: Task[Any, Any] | None, queue: str) -> list[Rate]:
+        """The limits a job of this task in this queue starts under: its task's, then its queue's."""
+        rates = [] if task is None or task.options.rate_limit is None else [task.options.rate_limit]
+        options = self.queues.get(queue)
+        if options is not None and options.rate_limit is not None:
+            rates.append(options.rate_limit)
+        return rates
 
     def applies_to(self, task: Task[Any, Any] | None, queue: str) -> bool:
         """Whether starting a job of this task in this queue needs a decision (a task or queue limit)."""
-        if task is not None and task.options.rate_limit is not None:
-            return True
-        options = self.queues.get(queue)
-        return options is not None and options.rate_limit is not None
+        return bool(self.rates_of(task, queue))
 
-    def admit(self, task: Task[Any, Any], args: Sequence[Any], kwargs: Mapping[str, Any], queue: str) -> float:
-        """Seconds the job must wait for its task's and its queue's rate limits (0 = start now).
+    def tolerance(self, task: Task[Any, Any], queue: str) -> float:
+        """How late a job may start after its reserved start (the strictest of its limits)."""
+        return min(tolerance_seconds(rate) for rate in self.rates_of(task, queue))
 
-        A start granted by the task's limit is given back when the queue's limit holds the job.
-        """
+    def admit(
+        self, task: Task[Any, Any], args: Sequence[Any], kwargs: Mapping[str, Any], queue: str
+    ) -> RateSlot | None:
+        """Reserve the job's start under its task's and its queue's limits; returns the later of the two
+        starts (None: no limit applies)."""
         options = task.options
         limits: list[tuple[str, Rate]] = []
         if options.rate_limit is not None:
@@ -161,12 +168,5 @@ class RateLimiter:
         queue_options = self.queues.get(queue)
         if queue_options is not None and queue_options.rate_limit is not None:
             limits.append((f"queue:{queue}", queue_options.rate_limit))
-        granted: list[tuple[str, Any]] = []
-        for key, rate in limits:
-            grant = self.backend.take(key, rate.count, window_seconds(rate))
-            if not grant.granted:
-                for taken_key, token in granted:
-                    self.backend.release(taken_key, token)
-                return grant.wait
-            granted.append((key, grant.token))
-        return 0.0
+        slots = [self.backend.reserve(key, interval_seconds(rate)) for key, rate in limits]
+        return max(slots, key=lambda slot: slot.wait, default=None)

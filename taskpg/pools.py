@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("taskpg.worker")
 
 OutcomeSink = Callable[[Outcome], None]
+#: A job whose rate-limited start is at most this many seconds away waits for it in its runner. One put
+#: back until a later start comes back this long before it and waits in place too, so that it starts on
+#: time (claims and promotions take a few ms, and vary) and the starts stay spaced as reserved.
+WAIT_IN_PLACE = 0.2
 POOL_CHOICES = ("threads", "processes", "async")
 RUN_TIME_WEIGHT = 0.05  # weight of the newest job in the mean run time (about the last 20 jobs)
 
@@ -91,10 +95,13 @@ class Pool:
             self._claimed_at.update((job.id, now) for job in jobs)
         self._enqueue(jobs)
 
-    def _stale(self, job: ClaimedJob) -> bool:
-        """Whether the job waited in the buffer long enough to have been rescued meanwhile."""
+    def _claimed_at_of(self, job: ClaimedJob) -> float | None:
+        """When the job entered the buffer (taken once, as the job leaves it)."""
         with self._lock:
-            since = self._claimed_at.pop(job.id, None)
+            return self._claimed_at.pop(job.id, None)
+
+    def _stale(self, since: float | None) -> bool:
+        """Whether a job claimed at ``since`` waited long enough to have been rescued meanwhile."""
         return since is not None and time.monotonic() - since > self._setup.stale_after
 
     def _lease_lost(self, job: ClaimedJob) -> bool:
@@ -149,29 +156,46 @@ class Pool:
         return self._children is not None and call.task.options.time_limit is not None
 
     def needs_admission(self, call: Call) -> bool:
-        """Whether the call must pass a rate limit before it starts (a decision that does I/O)."""
+        """Whether the call must pass a rate limit before it starts (a decision that may do I/O, or wait)."""
         return self.limiter is not None and self.limiter.applies_to(call.task, call.job.queue)
 
     def admit(self, call: Call) -> Call | Outcome:
-        """The call if its rate limits let it start now, else the outcome that puts it back."""
+        """The call once its rate limits let it start (after waiting in place for a start at most
+        WAIT_IN_PLACE away), else the outcome that puts it back until its reserved start."""
         if not self.needs_admission(call):
             return call
         assert self.limiter is not None
         job = call.job
+        if job.slot_at is not None:  # back for the start reserved for it: wait for it, do not ask again
+            # On the wall clock: the limiter's clock (Postgres' or Redis') and the worker's agree (NTP);
+            # a worker whose clock is off by more than the tolerance only ever takes new reservations.
+            until = job.slot_at - time.time()
+            if -self.limiter.tolerance(call.task, job.queue) <= until <= WAIT_IN_PLACE:
+                time.sleep(max(0.0, until))
+                return call
+            # Claimed too late for it (busy runners, a slow promotion) or early (retried by hand): a
+            # start that late would crowd the ones reserved after it, so it reserves a new one.
+            logger.debug("job %s: %.3f s from its reserved start; reserving a new one", job.id, until)
         try:
-            wait = self.limiter.admit(call.task, call.request.args, call.request.kwargs, job.queue)
+            slot = self.limiter.admit(call.task, call.request.args, call.request.kwargs, job.queue)
         except ConfigurationError as exc:  # e.g. a rate_limit_key that cannot be rendered for these arguments
             return self.executor.dead(job, "ConfigurationError", str(exc))
         except Exception as exc:  # the limiter's store is unreachable: try again shortly
             logger.warning("job %s: rate limiter unavailable (%s); retrying in 1 s", job.id, exc)
-            wait = 1.0
-        # Over a rate limit: back to the queue until its slot, attempt refunded.
-        return self.executor.deferred(job, wait) if wait > 0 else call
+            return self.executor.deferred(job, 1.0)
+        if slot is None:
+            return call
+        if slot.wait <= WAIT_IN_PLACE:  # its start comes in a moment: cheaper to wait here than to put it back
+            time.sleep(slot.wait)
+            return call
+        # Later: back to the queue until just before its reserved start, attempt refunded.
+        return self.executor.reserved(job, slot.wait, slot.at, WAIT_IN_PLACE)
 
     def prepare(self, job: ClaimedJob) -> Call | Outcome | None:
         """Check the job and take its rate-limit decision: a Call to run, an Outcome already, or None
         when the job is no longer this worker's (rescued while it waited; dropped)."""
-        if self._stale(job) and self._lease_lost(job):
+        since = self._claimed_at_of(job)
+        if self._stale(since) and self._lease_lost(job):
             return None
         prepared = self.executor.prepare(job)
         return prepared if isinstance(prepared, Outcome) else self.admit(prepared)
@@ -415,11 +439,12 @@ class AsyncPool(Pool):
             job = await self._queue.get()
             if job is None:
                 return
-            if self._stale(job) and await asyncio.to_thread(self._lease_lost, job):  # I/O: off the loop
+            since = self._claimed_at_of(job)
+            if self._stale(since) and await asyncio.to_thread(self._lease_lost, job):  # I/O: off the loop
                 continue
             prepared = self.executor.prepare(job)
             if isinstance(prepared, Call) and self.needs_admission(prepared):
-                prepared = await asyncio.to_thread(self.admit, prepared)  # it does I/O: keep it off the loop
+                prepared = await asyncio.to_thread(self.admit, prepared)  # I/O and waits: off the loop
             if isinstance(prepared, Outcome):
                 self._finished(prepared)
                 continue

@@ -10,6 +10,7 @@ import re
 from typing import TYPE_CHECKING
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
@@ -79,6 +80,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("result", JSONB),
         Column("errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
         Column("unique_key", Text),
+        # The start a rate limiter reserved for this job when it held it back: the job is not asked again.
+        Column("rate_slot", DateTime(timezone=True)),
         CheckConstraint(_state_in(JobState), name="jobs_state_check"),
         # The claim query walks this index in claim order and stops after LIMIT rows.
         Index(
@@ -148,13 +151,12 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("job_id", UUID(as_uuid=False), nullable=False),
         Column("until", DateTime(timezone=True), nullable=False),
     )
-    # Rate limits without Redis: a sliding-window log of job starts per limiter key.
+    # Rate limits without Redis: per limiter key, its theoretical arrival time (GCRA) and starts granted.
     Table(
-        "rate_events",
+        "rate_limits",
         metadata,
-        Column("key", Text, nullable=False),
-        Column("at", DateTime(timezone=True), nullable=False),
-        Column("expires_at", DateTime(timezone=True), nullable=False),
-        Index("rate_events_key_at_idx", "key", "at"),
+        Column("key", Text, primary_key=True),
+        Column("tat", DateTime(timezone=True), nullable=False),
+        Column("granted", BigInteger, nullable=False, server_default=text("0")),
     )
     return metadata

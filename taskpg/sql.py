@@ -194,7 +194,8 @@ SET state = 'running', attempt = j.attempt + 1, started_at = now(), lease = gen_
     worker_id = %(worker_id)s
 FROM picked WHERE j.id = picked.id
 RETURNING j.id::text, j.task, j.queue, j.priority, j.run_at, j.args::text, j.kwargs::text,
-          j.attempt, j.max_attempts, j.snoozes, j.lease::text
+          j.attempt, j.max_attempts, j.snoozes, j.lease::text,
+          EXTRACT(EPOCH FROM j.rate_slot)::float8
 """
 
 # Write back a batch of outcomes in one statement. Each outcome row says the new state, a delay
@@ -214,19 +215,26 @@ WITH outcome AS (
     SELECT (o ->> 'id')::uuid AS id, (o ->> 'lease')::uuid AS lease, o ->> 'state' AS state,
            coalesce((o ->> 'delay')::float8, 0) AS delay, o -> 'result' AS result, o -> 'error' AS error,
            coalesce((o ->> 'refund')::int, 0) AS refund, coalesce((o ->> 'snoozed')::int, 0) AS snoozed,
-           coalesce((o ->> 'keep_place')::int, 0) = 1 AS keep_place
+           coalesce((o ->> 'keep_place')::int, 0) = 1 AS keep_place,
+           (o ->> 'slot_at')::float8 AS slot_at, (o ->> 'wake_at')::float8 AS wake_at
     FROM jsonb_array_elements(%(outcomes)s::jsonb) AS o
 ), finished AS (
     UPDATE {jobs} AS j
     SET state = o.state,
         -- A job handed back unstarted keeps its run_at, so it keeps its place among the queue's jobs.
         run_at = CASE WHEN o.keep_place THEN j.run_at
+                      WHEN o.wake_at IS NOT NULL THEN to_timestamp(o.wake_at)
                       WHEN o.state IN ('scheduled', 'available') THEN now() + o.delay * interval '1 second'
                       ELSE j.run_at END,
         finished_at = CASE WHEN o.state IN ('succeeded', 'dead') THEN now() END,
         result = o.result,
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(o.error) END,
         attempt = j.attempt - o.refund,
+        -- A job a rate limiter held back keeps the start it reserved (slot_at, epoch seconds on the
+        -- limiter's clock); it wakes a little before (wake_at), so that it is claimed in time and waits
+        -- for that start in place.
+        rate_slot = CASE WHEN o.slot_at IS NOT NULL THEN to_timestamp(o.slot_at)
+                         WHEN o.keep_place THEN j.rate_slot END,
         snoozes = j.snoozes + o.snoozed,
         worker_id = NULL
     FROM outcome AS o
@@ -284,30 +292,25 @@ FROM promoted
 
 # -- rate limits and queue concurrency -----------------------------------------------------------
 
-# A transaction-scoped advisory lock on a name: serialises rate-limit decisions for one key, and
-# capped claims for one queue, across every worker.
+# A transaction-scoped advisory lock on a name: serialises capped claims for one queue across every
+# worker.
 ADVISORY_XACT_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%(name)s))"
 
-# Sliding-window log: grant a start if fewer than %(limit)s starts happened in the last %(window)s
-# seconds, else say how long until the oldest leaves the window. Run under ADVISORY_XACT_LOCK.
-RATE_TAKE = """
-WITH purged AS (
-    DELETE FROM {rate_events} WHERE key = %(key)s AND at <= clock_timestamp() - %(window)s * interval '1 second'
-), recent AS (
-    SELECT count(*) AS used, min(at) AS oldest FROM {rate_events}
-    WHERE key = %(key)s AND at > clock_timestamp() - %(window)s * interval '1 second'
-), granted AS (
-    INSERT INTO {rate_events} (key, at, expires_at)
-    SELECT %(key)s, clock_timestamp(), clock_timestamp() + %(window)s * interval '1 second'
-    FROM recent WHERE used < %(limit)s
-    RETURNING at
-)
-SELECT (SELECT max(at) FROM granted),
-       (SELECT EXTRACT(EPOCH FROM oldest + %(window)s * interval '1 second' - clock_timestamp()) FROM recent)
+# Rate limits (Postgres backend): GCRA, the generic cell rate algorithm, without bursts: a key's tat
+# (theoretical arrival time) is the earliest time of its next start, and starts are %(interval)s
+# seconds apart. Each decision reserves the next start, max(tat, now), and moves tat one interval past
+# it; the caller is told how many seconds from now its start is (0: now) and when it is (epoch
+# seconds). One row per key, updated in one upsert whose row lock serialises concurrent decisions on
+# that key: constant work per decision, whatever the rate. statement_timestamp() is one moment for
+# the whole statement.
+RATE_RESERVE = """
+INSERT INTO {rate_limits} AS r (key, tat, granted)
+VALUES (%(key)s, statement_timestamp() + %(interval)s * interval '1 second', 1)
+ON CONFLICT (key) DO UPDATE
+SET tat = GREATEST(r.tat, statement_timestamp()) + %(interval)s * interval '1 second', granted = r.granted + 1
+RETURNING GREATEST(0, EXTRACT(EPOCH FROM r.tat - statement_timestamp())::float8 - %(interval)s),
+          EXTRACT(EPOCH FROM r.tat)::float8 - %(interval)s
 """
-
-# Give back a start granted by RATE_TAKE (the job was held back by another limit after all).
-RATE_RELEASE = "DELETE FROM {rate_events} WHERE key = %(key)s AND at = %(at)s"
 
 RUNNING_IN_QUEUE = "SELECT count(*) FROM {jobs} WHERE queue = %(queue)s AND state = 'running'"
 
@@ -444,7 +447,7 @@ SELECT task, sum(throttled)::bigint, sum(snoozed)::bigint FROM (
 PRUNE_LIMITS = """
 WITH windows AS (DELETE FROM {throttle_windows} WHERE window_end < now() - interval '1 day'),
      locks AS (DELETE FROM {unique_locks} WHERE until < now()),
-     events AS (DELETE FROM {rate_events} WHERE expires_at < now())
+     rates AS (DELETE FROM {rate_limits} WHERE tat < now() - interval '1 day')
 SELECT 1
 """
 
@@ -523,8 +526,7 @@ class Queries:
         self.release_unknown = self._render(RELEASE_UNKNOWN)
         self.delete_stale_workers = self._render(DELETE_STALE_WORKERS)
         self.advisory_xact_lock = self._render(ADVISORY_XACT_LOCK)
-        self.rate_take = self._render(RATE_TAKE)
-        self.rate_release = self._render(RATE_RELEASE)
+        self.rate_reserve = self._render(RATE_RESERVE)
         self.running_in_queue = self._render(RUNNING_IN_QUEUE)
         self.try_beat_leader = self._render(TRY_BEAT_LEADER)
         self.last_ticks = self._render(LAST_TICKS)
@@ -552,7 +554,7 @@ class Queries:
                 periodic_ticks=sql.Identifier(self.schema, "periodic_ticks"),
                 unique_locks=sql.Identifier(self.schema, "unique_locks"),
                 throttle_windows=sql.Identifier(self.schema, "throttle_windows"),
-                rate_events=sql.Identifier(self.schema, "rate_events"),
+                rate_limits=sql.Identifier(self.schema, "rate_limits"),
                 alembic_version=sql.Identifier(self.schema, "alembic_version"),
             )
             .as_string()

@@ -123,11 +123,11 @@ class WorkerRow:
 
 
 @dataclass(frozen=True)
-class RateGrant:
-    """A rate-limit decision: a start granted at ``granted_at``, or none and ``wait`` seconds to go."""
+class RateSlot:
+    """A start a rate limiter reserved: ``wait`` seconds from now, at ``at`` (epoch seconds, its clock)."""
 
-    granted_at: dt.datetime | None
     wait: float
+    at: float
 
 
 @dataclass(frozen=True)
@@ -480,21 +480,11 @@ class Store:
 
     # -- rate limits -----------------------------------------------------------------------------
 
-    def rate_take(self, key: str, limit: int, window: float) -> RateGrant:
-        """Under the key's advisory lock: grant a start if fewer than ``limit`` happened in ``window`` s."""
-
-        def work(s: Store) -> RateGrant:
-            with s.transaction():
-                conn = s._bound()
-                conn.execute(s.q.advisory_xact_lock, {"name": key})
-                row = conn.execute(s.q.rate_take, {"key": key, "limit": limit, "window": window}).fetchone()
-            assert row is not None
-            return RateGrant(row[0], float(row[1] or 0.0))
-
-        return self.run(work)
-
-    def rate_release(self, key: str, granted_at: dt.datetime) -> None:
-        self._count(self.q.rate_release, {"key": key, "at": granted_at})
+    def rate_reserve(self, key: str, interval: float) -> RateSlot:
+        """Reserve the next start of a limiter key whose starts are ``interval`` seconds apart."""
+        row = self._one(self.q.rate_reserve, {"key": key, "interval": interval})
+        assert row is not None
+        return RateSlot(float(row[0]), float(row[1]))
 
     # -- periodic schedules ----------------------------------------------------------------------
 
@@ -602,6 +592,8 @@ def outcomes_json(batch: Sequence[Outcome]) -> str:
             item += f',"snoozed":{int(outcome.snoozed)}'
         if outcome.keep_place:
             item += ',"keep_place":1'
+        if outcome.slot_at is not None and outcome.wake_at is not None:
+            item += f',"slot_at":{float(outcome.slot_at)!r},"wake_at":{float(outcome.wake_at)!r}'
         items.append(item + "}")
     return "[" + ",".join(items) + "]"
 

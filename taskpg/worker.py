@@ -29,6 +29,7 @@ from .connections import reconnecting
 from .executor import Executor
 from .flusher import Flusher
 from .heartbeat import Heartbeat
+from .job import JobState
 from .limiter import RateLimiter
 from .listener import Listener
 from .options import validate_queue_name
@@ -360,9 +361,13 @@ class Worker:
 
     def _forget(self, written: list[Outcome]) -> None:
         """Outcomes are in the database: these jobs are no longer held by this worker."""
+        soon = False
         with self._held_lock:
             for outcome in written:
                 self._held.pop(outcome.job.id, None)
+                soon = soon or (outcome.state is JobState.SCHEDULED and outcome.delay < self.settings.stage_interval)
+        if soon:  # due before the stager's next round (a rate-limited start, a short retry): wake it
+            self.stager.wake()
         self._on_free()
 
     # -- shutdown --------------------------------------------------------------------------------

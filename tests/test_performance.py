@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from taskpg import TaskPG
 
-WORKLOADS = {"W1", "W1b", "W2", "W3", "W3b", "W4", "W5", "W6", "W7"}
+WORKLOADS = {"W1", "W1b", "W2", "W3", "W3b", "W4", "W5", "W6", "W7", "W9"}
 FIELDS = {"workload", "variant", "concurrency", "batch", "jobs", "seconds", "jobs_per_s", "p50_ms", "p99_ms", "ratio"}
 
 
@@ -27,7 +27,7 @@ def test_benchmark_smoke_run(pg_dsn: str, redis_url: str, tmp_path: Path) -> Non
     out = tmp_path / "bench.jsonl"
     command = [sys.executable, "-m", "benchmarks", "--smoke", "--dsn", pg_dsn, "--redis-url", redis_url]
     proc = subprocess.run(
-        [*command, "--json-out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+        [*command, "--json-out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -52,6 +52,9 @@ def test_benchmark_smoke_run(pg_dsn: str, redis_url: str, tmp_path: Path) -> Non
     assert {"before_jobs_per_s", "during_jobs_per_s", "after_jobs_per_s", "recovered"} <= set(long_tx["extra"])
     notify = {r["variant"]: r["extra"]["notifications"] for r in results if r["workload"] == "W7"}
     assert notify["raw INSERT, no NOTIFY, autocommit"] == 0 and notify["raw INSERT + pg_notify, autocommit"] > 0
+    limited = [r["extra"] for r in results if r["workload"] == "W9"]
+    assert len(limited) == 3 and all(e["most_in_a_period"] <= e["limit_per_period"] for e in limited)
+    assert all(e["delivered_per_s"] > 0 and e["updates_per_job"] >= 2 for e in limited)
     assert any(r["kind"] == "target" for r in records)
     assert "| workload |" in proc.stdout  # the table
 

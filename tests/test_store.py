@@ -30,7 +30,6 @@ from taskpg.store import (
     Inserted,
     LimitCounts,
     Promoted,
-    RateGrant,
     Rescued,
     Store,
     TickState,
@@ -574,27 +573,26 @@ def test_delete_worker_and_stale_workers(app: TaskPG, db: psycopg.Connection) ->
     assert [w.id for w in app.store.list_workers(60)] == ["w-new"]
 
 
-# -- rate windows --------------------------------------------------------------------------------
+# -- rate limits ---------------------------------------------------------------------------------
 
 
-def test_rate_take_grants_up_to_the_limit_then_says_how_long_to_wait(app: TaskPG, db: psycopg.Connection) -> None:
+def test_rate_reserve_spaces_starts_and_keeps_one_row_per_key(app: TaskPG, db: psycopg.Connection) -> None:
     key = f"{app.schema}:rate:a"
-    grants = [app.store.rate_take(key, limit=2, window=60) for _ in range(2)]
-    assert all(g.granted_at is not None for g in grants)
-    refused = app.store.rate_take(key, limit=2, window=60)
-    assert isinstance(refused, RateGrant) and refused.granted_at is None
-    assert 0 < refused.wait <= 60
-    assert app.store.rate_take(f"{app.schema}:rate:b", limit=2, window=60).granted_at is not None  # its own log
-    assert one(db, f'SELECT count(*) FROM "{app.schema}".rate_events WHERE key = %s', (key,)) == (2,)
+    slots = [app.store.rate_reserve(key, 10.0) for _ in range(3)]
+    assert slots[0].wait == 0.0  # the first start is now
+    assert 9.9 < slots[1].wait <= 10.0 and 19.9 < slots[2].wait <= 20.0  # then one every 10 s, reserved in turn
+    assert [slot.at - slots[0].at for slot in slots] == pytest.approx([0.0, 10.0, 20.0], abs=1e-5)  # absolute starts
+    assert app.store.rate_reserve(f"{app.schema}:rate:b", 10.0).wait == 0.0  # each key on its own
+    rows = db.execute(f'SELECT key, granted FROM "{app.schema}".rate_limits ORDER BY key').fetchall()
+    assert rows == [(key, 3), (f"{app.schema}:rate:b", 1)]  # constant state per key, whatever the rate
 
 
-def test_rate_release_gives_a_start_back(app: TaskPG) -> None:
+def test_rate_reserve_after_a_quiet_while_starts_now(app: TaskPG, db: psycopg.Connection) -> None:
     key = f"{app.schema}:rate"
-    granted = app.store.rate_take(key, limit=1, window=60).granted_at
-    assert granted is not None
-    assert app.store.rate_take(key, limit=1, window=60).granted_at is None
-    app.store.rate_release(key, granted)
-    assert app.store.rate_take(key, limit=1, window=60).granted_at is not None
+    app.store.rate_reserve(key, 1.0)
+    db.execute(f"UPDATE \"{app.schema}\".rate_limits SET tat = now() - interval '1 minute'")
+    assert app.store.rate_reserve(key, 1.0).wait == 0.0
+    assert app.store.rate_reserve(key, 1.0).wait > 0.9  # no credit for the quiet minute: no burst
 
 
 # -- beat ----------------------------------------------------------------------------------------
@@ -693,16 +691,13 @@ def test_prune_limits_drops_what_ran_out(app: TaskPG, db: psycopg.Connection) ->
     )
     app.store.take_unique_lock("run-out", new_job_id(), 0)
     app.store.take_unique_lock("held", new_job_id(), 3600)
-    app.store.rate_take(f"{s}:live", 5, 3600)
-    db.execute(
-        f'INSERT INTO "{s}".rate_events (key, at, expires_at) '
-        "VALUES ('expired', now() - interval '2 hours', now() - interval '1 hour')"
-    )
+    app.store.rate_reserve(f"{s}:live", 3600)
+    db.execute(f"INSERT INTO \"{s}\".rate_limits (key, tat) VALUES ('expired', now() - interval '2 days')")
 
     app.store.prune_limits()
     assert db.execute(f'SELECT key FROM "{s}".throttle_windows').fetchall() == [("now",)]
     assert db.execute(f'SELECT key FROM "{s}".unique_locks').fetchall() == [("held",)]
-    assert db.execute(f'SELECT key FROM "{s}".rate_events').fetchall() == [(f"{s}:live",)]
+    assert db.execute(f'SELECT key FROM "{s}".rate_limits').fetchall() == [(f"{s}:live",)]
 
 
 def test_autovacuum_active_follows_the_server_and_the_table(app: TaskPG, db: psycopg.Connection) -> None:

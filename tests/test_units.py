@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import re
 import sys
+import time
 import types
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -48,18 +49,19 @@ from taskpg.job import (
     status_of,
     validate_job_id,
 )
-from taskpg.limiter import Grant, QueueOptions, RateLimiter, window_seconds
+from taskpg.limiter import QueueOptions, RateLimiter, interval_seconds, tolerance_seconds, window_seconds
 from taskpg.options import TaskOptions
+from taskpg.pools import WAIT_IN_PLACE, Pool, PoolSetup
 from taskpg.rates import Rate, parse_duration, parse_rate
 from taskpg.retry import DEFAULT_RETRY_DELAY, RetryPolicy
 from taskpg.schema import build_metadata, validate_schema_name
-from taskpg.store import outcomes_json
+from taskpg.store import RateSlot, outcomes_json
 from taskpg.task import Request, Task
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from taskpg.limiter import WindowBackend
+    from taskpg.limiter import RateBackend
 
 NOWHERE = "postgresql://nowhere/none"
 UTC = dt.timezone.utc
@@ -933,118 +935,112 @@ def test_encode_many_stamps_one_enqueued_at(declared: TaskPG) -> None:
     assert dt.datetime.fromisoformat(envelopes[0]["enqueued_at"]).tzinfo is not None
 
 
-# -- rate windows --------------------------------------------------------------------------------------
+# -- rate limits -----------------------------------------------------------------------------------
 
 
-class FakeWindows:
-    """An in-memory WindowBackend without a clock: a full window answers a wait of the whole window."""
+class FakeRates:
+    """GCRA in memory, on a clock the test moves: the RateBackend protocol, like RedisRates and PostgresRates."""
 
     def __init__(self) -> None:
-        self.logs: dict[str, list[int]] = {}
-        self.taken: list[tuple[str, int, float]] = []
-        self.released: list[tuple[str, Any]] = []
-        self._tokens = 0
+        self.now = 0.0
+        self.tat: dict[str, float] = {}
+        self.asked: list[tuple[str, float]] = []
 
-    def take(self, key: str, count: int, window: float) -> Grant:
-        self.taken.append((key, count, window))
-        log = self.logs.setdefault(key, [])
-        if len(log) >= count:
-            return Grant(wait=window)
-        self._tokens += 1
-        log.append(self._tokens)
-        return Grant(self._tokens)
+    def reserve(self, key: str, interval: float) -> RateSlot:
+        self.asked.append((key, interval))
+        start = max(self.tat.get(key, 0.0), self.now)
+        self.tat[key] = start + interval
+        return RateSlot(start - self.now, start)
 
-    def release(self, key: str, token: Any) -> None:
-        self.released.append((key, token))
-        self.logs[key].remove(token)
+
+def wait_of(slot: RateSlot | None) -> float:
+    assert slot is not None
+    return slot.wait
 
 
 @pytest.mark.parametrize(
     ("rate", "window"),
     [
-        (Rate(10, 1.0), 1.1),  # 2 % of 1 s is below the 0.1 s minimum
-        (Rate(1, 5.0), 5.1),  # 2 % of 5 s is exactly the minimum
+        (Rate(10, 1.0), 1.04),  # 2 % of 1 s is below the 0.04 s minimum
+        (Rate(1, 2.0), 2.04),  # 2 % of 2 s is exactly the minimum
         (Rate(100, 60.0), 61.2),  # 2 %
         (Rate(1, 3600.0), 3672.0),
     ],
 )
-def test_window_seconds_adds_two_percent_and_at_least_a_tenth(rate: Rate, window: float) -> None:
+def test_window_seconds_adds_two_percent_and_at_least_four_hundredths(rate: Rate, window: float) -> None:
     assert window_seconds(rate) == pytest.approx(window)
 
 
-def test_grant_is_granted_without_a_wait() -> None:
-    assert Grant("token").granted
-    assert Grant(wait=0.0).granted
-    assert not Grant(wait=0.5).granted
+def test_starts_are_spaced_by_the_window_over_n() -> None:
+    assert interval_seconds(Rate(20, 1.0)) == pytest.approx(1.04 / 20)
+    assert interval_seconds(Rate(20000, 60.0)) == pytest.approx(61.2 / 20000)
 
 
-def test_admit_grants_up_to_the_rate_then_returns_a_wait(offline: TaskPG) -> None:
+def test_admit_reserves_evenly_spaced_starts(offline: TaskPG) -> None:
     @offline.task(name="units.api", rate_limit="2/s")
     def api() -> None: ...
 
-    windows = FakeWindows()
-    backend: WindowBackend = windows
+    rates = FakeRates()
+    backend: RateBackend = rates
     limiter = RateLimiter(backend, {})
-    assert limiter.admit(api, (), {}, "default") == 0.0
-    assert limiter.admit(api, (), {}, "default") == 0.0
-    assert limiter.admit(api, (), {}, "default") == pytest.approx(1.1)
-    assert windows.taken[0] == ("units.api", 2, pytest.approx(1.1))
-    assert windows.released == []
+    waits = [wait_of(limiter.admit(api, (), {}, "default")) for _ in range(4)]
+    assert waits == pytest.approx([0.0, 0.52, 1.04, 1.56])  # each call reserves the next start
+    assert rates.asked[0] == ("units.api", pytest.approx(0.52))
+    rates.now = 10.0  # a quiet while later: the next start is now again
+    assert limiter.admit(api, (), {}, "default") == RateSlot(0.0, 10.0)
+
+
+def test_any_window_of_the_period_holds_at_most_n_reserved_starts(offline: TaskPG) -> None:
+    @offline.task(name="units.api", rate_limit="20/s")
+    def api() -> None: ...
+
+    rates = FakeRates()
+    limiter = RateLimiter(rates, {})
+    starts = [wait_of(limiter.admit(api, (), {}, "default")) for _ in range(200)]
+    assert max(sum(1 for t in starts if left <= t < left + 1.0) for left in starts) == 20
+    assert starts[-1] == pytest.approx(199 * 1.04 / 20)  # and the limit is delivered: 19.2 starts a second
 
 
 def test_admit_without_limits_asks_nothing(offline: TaskPG) -> None:
     @offline.task(name="units.free")
     def free() -> None: ...
 
-    windows = FakeWindows()
-    assert RateLimiter(windows, {"default": QueueOptions("default", concurrency=2)}).admit(free, (), {}, "default") == 0
-    assert windows.taken == []
+    rates = FakeRates()
+    limiter = RateLimiter(rates, {"default": QueueOptions("default", concurrency=2)})
+    assert limiter.admit(free, (), {}, "default") is None
+    assert rates.asked == []
 
 
-def test_admit_gives_back_the_tasks_grant_when_the_queue_limit_holds_the_job(offline: TaskPG) -> None:
+def test_admit_reserves_under_the_task_and_the_queue_and_waits_for_the_later(offline: TaskPG) -> None:
     @offline.task(name="units.api", rate_limit="10/s", queue="io")
     def api() -> None: ...
 
-    windows = FakeWindows()
-    limiter = RateLimiter(windows, {"io": QueueOptions("io", rate_limit=Rate(1, 60.0))})
-    assert limiter.admit(api, (), {}, "io") == 0.0
-    assert windows.logs == {"units.api": [1], "queue:io": [2]}
-    assert limiter.admit(api, (), {}, "io") == pytest.approx(61.2)  # the queue's window
-    assert windows.released == [("units.api", 3)]
-    assert windows.logs == {"units.api": [1], "queue:io": [2]}
-
-
-def test_admit_refused_by_the_tasks_limit_does_not_ask_the_queue(offline: TaskPG) -> None:
-    @offline.task(name="units.api", rate_limit="1/m", queue="io")
-    def api() -> None: ...
-
-    windows = FakeWindows()
-    limiter = RateLimiter(windows, {"io": QueueOptions("io", rate_limit=Rate(100, 1.0))})
-    limiter.admit(api, (), {}, "io")
-    assert limiter.admit(api, (), {}, "io") == pytest.approx(61.2)
-    assert [key for key, _, _ in windows.taken] == ["units.api", "queue:io", "units.api"]
-    assert windows.released == []
+    rates = FakeRates()
+    limiter = RateLimiter(rates, {"io": QueueOptions("io", rate_limit=Rate(1, 60.0))})
+    assert wait_of(limiter.admit(api, (), {}, "io")) == 0.0
+    assert limiter.admit(api, (), {}, "io") == RateSlot(pytest.approx(61.2), pytest.approx(61.2))  # the queue's
+    assert [key for key, _ in rates.asked] == ["units.api", "queue:io", "units.api", "queue:io"]
 
 
 def test_admit_renders_rate_limit_key_per_argument(offline: TaskPG) -> None:
     @offline.task(name="units.per_user", rate_limit="1/h", rate_limit_key="user:{user_id}")
     def per_user(user_id: int, note: str = "") -> None: ...
 
-    windows = FakeWindows()
-    limiter = RateLimiter(windows, {})
-    assert limiter.admit(per_user, (7,), {}, "default") == 0.0
-    assert limiter.admit(per_user, (), {"user_id": 8, "note": "x"}, "default") == 0.0
-    assert limiter.admit(per_user, (7,), {"note": "again"}, "default") > 0
-    assert set(windows.logs) == {"units.per_user:user:7", "units.per_user:user:8"}
+    rates = FakeRates()
+    limiter = RateLimiter(rates, {})
+    assert wait_of(limiter.admit(per_user, (7,), {}, "default")) == 0.0
+    assert wait_of(limiter.admit(per_user, (), {"user_id": 8, "note": "x"}, "default")) == 0.0
+    assert wait_of(limiter.admit(per_user, (7,), {"note": "again"}, "default")) > 0
+    assert set(rates.tat) == {"units.per_user:user:7", "units.per_user:user:8"}
 
 
 def test_admit_renders_a_callable_rate_limit_key(offline: TaskPG) -> None:
     @offline.task(name="units.per_host", rate_limit="5/s", rate_limit_key=lambda url: url.split("/")[2])
     def per_host(url: str) -> None: ...
 
-    windows = FakeWindows()
-    RateLimiter(windows, {}).admit(per_host, ("https://example.com/a",), {}, "default")
-    assert set(windows.logs) == {"units.per_host:example.com"}
+    rates = FakeRates()
+    RateLimiter(rates, {}).admit(per_host, ("https://example.com/a",), {}, "default")
+    assert set(rates.tat) == {"units.per_host:example.com"}
 
 
 def test_applies_to_needs_a_task_or_queue_rate_limit(offline: TaskPG) -> None:
@@ -1055,7 +1051,7 @@ def test_applies_to_needs_a_task_or_queue_rate_limit(offline: TaskPG) -> None:
     def free() -> None: ...
 
     limiter = RateLimiter(
-        FakeWindows(),
+        FakeRates(),
         {"slow": QueueOptions("slow", rate_limit=Rate(1, 1.0)), "capped": QueueOptions("capped", concurrency=1)},
     )
     assert limiter.applies_to(limited, "default")
@@ -1064,6 +1060,63 @@ def test_applies_to_needs_a_task_or_queue_rate_limit(offline: TaskPG) -> None:
     assert limiter.applies_to(None, "slow")
     assert not limiter.applies_to(None, "default")
     assert not limiter.applies_to(free, "capped")  # a concurrency cap is applied at claim time
+
+
+def test_a_start_may_be_late_by_three_quarters_of_the_margin() -> None:
+    assert tolerance_seconds(Rate(20, 1.0)) == pytest.approx(0.03)
+    assert tolerance_seconds(Rate(20000, 60.0)) == pytest.approx(0.9)
+
+
+# On time, late by almost the whole margin (0.04 s at 20/s), and later than that.
+@pytest.mark.parametrize(("late", "most"), [(0.0, 20), (0.039, 20), (0.05, 21)])
+def test_starts_late_by_less_than_the_margin_keep_the_limit(late: float, most: int) -> None:
+    rate = Rate(20, 1.0)
+    slots = [n * interval_seconds(rate) for n in range(200)]
+    # the worst case: every 21st start as late as allowed, the ones after it on time
+    starts = [slot + (late if n % 21 == 0 else 0.0) for n, slot in enumerate(slots)]
+    assert max(sum(1 for t in starts if left <= t < left + rate.seconds) for left in starts) == most
+
+
+def limited_pool(offline: TaskPG, rates: FakeRates, queue_rate: Rate | None = None) -> Pool:
+    queues = {} if queue_rate is None else {"io": QueueOptions("io", rate_limit=queue_rate)}
+    setup = PoolSetup(executor_of(offline), 1, lambda outcome: None, lambda: None, RateLimiter(rates, queues))
+    return Pool(setup)
+
+
+def test_pool_admit_starts_a_job_whose_reserved_start_is_now_without_asking(offline: TaskPG) -> None:
+    @offline.task(name="units.api", rate_limit="20/s")
+    def api() -> None: ...
+
+    rates = FakeRates()
+    job = dataclasses.replace(claimed("units.api"), slot_at=time.time() - 0.01)  # 10 ms late: within the tolerance
+    assert limited_pool(offline, rates).admit(call_of(api, job)) == call_of(api, job)
+    assert rates.asked == []
+
+
+def test_pool_admit_reserves_again_for_a_job_that_missed_its_start(offline: TaskPG) -> None:
+    @offline.task(name="units.api", rate_limit="20/s")
+    def api() -> None: ...
+
+    rates = FakeRates()
+    rates.tat["units.api"] = 5.0  # the next free start is 5 s away
+    job = dataclasses.replace(claimed("units.api"), slot_at=time.time() - 0.3)  # 0.3 s late: it would crowd
+    outcome = limited_pool(offline, rates).admit(call_of(api, job))
+    assert isinstance(outcome, Outcome) and outcome.state is JobState.SCHEDULED and outcome.refund == 1
+    assert outcome.slot_at == 5.0 and outcome.delay == pytest.approx(5.0 - WAIT_IN_PLACE)
+    assert [key for key, _ in rates.asked] == ["units.api"]
+
+
+def test_pool_admit_puts_a_job_back_until_just_before_a_later_start(offline: TaskPG) -> None:
+    @offline.task(name="units.api", rate_limit="10/s", queue="io")
+    def api() -> None: ...
+
+    rates = FakeRates()
+    pool = limited_pool(offline, rates, queue_rate=Rate(1, 60.0))
+    job = claimed("units.api", queue="io")
+    assert pool.admit(call_of(api, job)) == call_of(api, job)  # both limits free: it starts now
+    outcome = pool.admit(call_of(api, job))
+    assert isinstance(outcome, Outcome) and outcome.slot_at == pytest.approx(61.2)  # the queue's start
+    assert outcome.wake_at == pytest.approx(61.2 - WAIT_IN_PLACE)
 
 
 # -- rates ---------------------------------------------------------------------------------------------
@@ -1469,7 +1522,7 @@ def test_build_metadata_puts_every_table_in_the_schema() -> None:
     metadata = build_metadata("units_schema")
     assert set(metadata.tables) == {
         f"units_schema.{name}"
-        for name in ("jobs", "workers", "periodic_ticks", "throttle_windows", "unique_locks", "rate_events")
+        for name in ("jobs", "workers", "periodic_ticks", "throttle_windows", "unique_locks", "rate_limits")
     }
 
 
