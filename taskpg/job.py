@@ -135,6 +135,9 @@ class ClaimedJob:
     #: The start a rate limiter reserved for the job (epoch seconds, the limiter's clock; None: none). It
     #: starts then without asking again (the limiter already counted it).
     slot_at: float | None = None
+    #: It was rescued from a worker that died before: its start is recorded before it runs, and it runs in
+    #: a child process where the pool has them, so that if it kills its process it takes no other job along.
+    suspect: bool = False
 
 
 @dataclass(frozen=True)

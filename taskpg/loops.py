@@ -20,7 +20,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from .connections import backoff, describe_failure, needs_reconnect
-from .exceptions import SchemaNotReady
+from .exceptions import DatabaseUnavailable, SchemaNotReady
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -165,8 +165,9 @@ class BackgroundLoop:
 
     def needs_reconnect(self, exc: Exception) -> bool:
         """Whether a failed step means "the session failed" (reset the connection, back off, and log
-        the outage once) rather than an error to log with its traceback."""
-        return needs_reconnect(exc)
+        the outage once) rather than an error to log with its traceback. A loop on the app's pool
+        gets DatabaseUnavailable: the pool already tried again."""
+        return isinstance(exc, DatabaseUnavailable) or needs_reconnect(exc)
 
     def on_connect(self) -> None:
         """Told when ``own`` opened a new connection (a session of the loop's starts afresh)."""

@@ -58,8 +58,11 @@ class PoolSetup:
     lease_held: Callable[[ClaimedJob], bool] | None = None
     stale_after: float = math.inf
     on_dropped: Callable[[ClaimedJob], None] = lambda job: None  # told about a job not started for that
+    #: Told as each job starts (the start log; it blocks for a suspect job until its start is written).
+    on_start: Callable[[ClaimedJob], None] = lambda job: None
     #: Run the calls of tasks that declare a ``time_limit`` in child processes (needs ``modules``), so
-    #: that the hard limit really stops them (children.py). Off: they run in the pool like the others.
+    #: that the hard limit really stops them (children.py), and suspect jobs (rescued before), so that
+    #: one that kills its process takes no other job along. Off: they run in the pool like the others.
     time_limits_in_children: bool = False
 
 
@@ -152,8 +155,9 @@ class Pool:
         self._on_free()
 
     def isolated(self, call: Call) -> bool:
-        """Whether the call runs in a child process (children.py)."""
-        return self._children is not None and call.task.options.time_limit is not None
+        """Whether the call runs in a child process (children.py): a task with a time_limit, and a job
+        whose worker died before while holding it (if it kills its process, it takes no other job along)."""
+        return self._children is not None and (call.task.options.time_limit is not None or call.job.suspect)
 
     def needs_admission(self, call: Call) -> bool:
         """Whether the call must pass a rate limit before it starts (a decision that may do I/O, or wait)."""
@@ -206,6 +210,7 @@ class Pool:
         self.mean_run_time = seconds if mean is None else mean + RUN_TIME_WEIGHT * (seconds - mean)
 
     def _started(self, call: Call) -> float:
+        self._setup.on_start(call.job)
         logger.info("job %s %s attempt %d started", call.job.id, call.job.task, call.job.attempt)
         return time.monotonic()
 
@@ -448,6 +453,8 @@ class AsyncPool(Pool):
             if isinstance(prepared, Outcome):
                 self._finished(prepared)
                 continue
+            if job.suspect:  # its start is written before it runs: I/O, off the loop
+                await asyncio.to_thread(self._setup.on_start, job)
             started = self._started(prepared)
             self._running[job.id] = job
             options = prepared.task.options

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
@@ -82,6 +82,9 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("unique_key", Text),
         # The start a rate limiter reserved for this job when it held it back: the job is not asked again.
         Column("rate_slot", DateTime(timezone=True)),
+        # Rescues from a worker that stopped heartbeating; crashes: those while the job was running.
+        Column("rescues", Integer, nullable=False, server_default=text("0")),
+        Column("crashes", Integer, nullable=False, server_default=text("0")),
         CheckConstraint(_state_in(JobState), name="jobs_state_check"),
         # The claim query walks this index in claim order and stops after LIMIT rows.
         Index(
@@ -121,6 +124,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("concurrency", Integer, nullable=False),
         Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
         Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        # The jobs this worker has started and not yet written an outcome for (rescue reads it).
+        Column("running", ARRAY(UUID(as_uuid=False))),
     )
     # One row per fired tick of a periodic schedule: the primary key is what makes a tick fire once,
     # however many beat processes run. A row with no job_id marks when a schedule was first seen.

@@ -195,7 +195,7 @@ SET state = 'running', attempt = j.attempt + 1, started_at = now(), lease = gen_
 FROM picked WHERE j.id = picked.id
 RETURNING j.id::text, j.task, j.queue, j.priority, j.run_at, j.args::text, j.kwargs::text,
           j.attempt, j.max_attempts, j.snoozes, j.lease::text,
-          EXTRACT(EPOCH FROM j.rate_slot)::float8
+          EXTRACT(EPOCH FROM j.rate_slot)::float8, j.rescues > 0
 """
 
 # Write back a batch of outcomes in one statement. Each outcome row says the new state, a delay
@@ -324,30 +324,51 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 
 DELETE_WORKER = "DELETE FROM {workers} WHERE id = %(id)s"
 
-# Running jobs whose worker stopped heartbeating (or is gone) go back to 'available'; the attempt
-# they used stays counted, and a job out of attempts goes dead instead. The row lock taken by the
-# UPDATE re-checks state = 'running', so a job completed meanwhile is not touched.
+# The jobs a worker has started and not yet written an outcome for: rescue charges an attempt only to
+# those. Written every few ms while they change, and before a job that was rescued before starts.
+RECORD_RUNNING = "UPDATE {workers} SET running = %(running)s::uuid[] WHERE id = %(id)s"
+
+# Running jobs whose worker stopped heartbeating (or is gone) are rescued. The worker's row says which
+# of them it had started (workers.running):
+# - a started job used its attempt and counts a crash; out of attempts, or after %(max_crashes)s crashes
+#   (it kills its worker: os._exit, a crash in C code, the OOM killer), it goes dead;
+# - a job that was only claimed (prefetched) gets its attempt back, with nothing recorded against it.
+# Every rescued job counts a rescue (from then on its start is recorded before it runs) and comes back
+# at a random moment within %(spread)s seconds, so that a crash batch is not claimed together again.
+# FOR UPDATE OF j locks the job rows only; the UPDATE's re-check of state = 'running' leaves alone a
+# job completed meanwhile.
 RESCUE_JOBS = """
 WITH stale AS (
-    SELECT j.id FROM {jobs} AS j
+    SELECT j.id, coalesce(j.id = ANY(w.running), false) AS started
+    FROM {jobs} AS j LEFT JOIN {workers} AS w ON w.id = j.worker_id
     WHERE j.state = 'running'
-      AND NOT EXISTS (SELECT 1 FROM {workers} AS w
-                      WHERE w.id = j.worker_id AND w.heartbeat_at > now() - %(after)s * interval '1 second')
-    FOR UPDATE SKIP LOCKED
+      AND (w.id IS NULL OR w.heartbeat_at <= now() - %(after)s * interval '1 second')
+    FOR UPDATE OF j SKIP LOCKED
+), judged AS (
+    SELECT s.id, s.started,
+           s.started AND (j.crashes + 1 >= %(max_crashes)s OR j.attempt >= j.max_attempts) AS dies,
+           s.started AND j.crashes + 1 >= %(max_crashes)s AS killer
+    FROM stale AS s JOIN {jobs} AS j ON j.id = s.id
 ), rescued AS (
     UPDATE {jobs} AS j
-    SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
-        finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+    SET state = CASE WHEN r.dies THEN 'dead' ELSE 'scheduled' END,
+        run_at = CASE WHEN r.dies THEN j.run_at ELSE now() + random() * %(spread)s * interval '1 second' END,
+        finished_at = CASE WHEN r.dies THEN now() END,
+        attempt = CASE WHEN r.started THEN j.attempt ELSE j.attempt - 1 END,
+        rescues = j.rescues + 1,
+        crashes = j.crashes + r.started::int,
         -- %(error)s is the fixed part of a failure record (failures.sql_template); the row adds its own part.
-        errors = j.errors || jsonb_build_array(%(error)s::jsonb || jsonb_build_object(
-            'attempt', j.attempt, 'worker', j.worker_id, 'at', now())),
+        errors = CASE WHEN NOT r.started THEN j.errors ELSE j.errors || jsonb_build_array(
+            %(error)s::jsonb || jsonb_build_object(
+                'attempt', j.attempt, 'worker', j.worker_id, 'at', now(), 'crashes', j.crashes + 1,
+                'message', CASE WHEN r.killer
+                                THEN format(%(killer_message)s, j.crashes + 1)
+                                ELSE %(error)s::jsonb ->> 'message' END)) END,
         worker_id = NULL
-    FROM stale WHERE j.id = stale.id
-    RETURNING j.id, j.state, j.queue
-), woken AS (
-    SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM rescued WHERE state = 'available') q
+    FROM judged AS r WHERE j.id = r.id AND j.state = 'running'
+    RETURNING j.id, j.state, r.started
 )
-SELECT count(*), (SELECT count(*) FROM woken), array_agg(id::text) FILTER (WHERE state = 'dead') FROM rescued
+SELECT count(*), count(*) FILTER (WHERE started), array_agg(id::text) FILTER (WHERE state = 'dead') FROM rescued
 """
 
 # Self-healing for a claim whose reply was lost with the connection: jobs this live worker holds
@@ -522,6 +543,7 @@ class Queries:
         self.promote_due = self._render(PROMOTE_DUE)
         self.heartbeat = self._render(HEARTBEAT)
         self.delete_worker = self._render(DELETE_WORKER)
+        self.record_running = self._render(RECORD_RUNNING)
         self.rescue_jobs = self._render(RESCUE_JOBS)
         self.release_unknown = self._render(RELEASE_UNKNOWN)
         self.delete_stale_workers = self._render(DELETE_STALE_WORKERS)

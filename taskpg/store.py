@@ -43,8 +43,16 @@ T = TypeVar("T")
 ANNOUNCE_CHUNK = 200
 #: Rows per ``Copy.write``: big enough to make the call cheap, small enough to overlap with Postgres.
 COPY_CHUNK = 1000
-#: The failure recorded on jobs rescued from a worker that stopped heartbeating.
+#: The failure recorded on started jobs rescued from a worker that stopped heartbeating.
 WORKER_LOST = failures.sql_template("WorkerLost", "the worker running this attempt stopped heartbeating")
+#: A job whose worker died while running it this many times goes dead (it may be what kills its worker).
+MAX_CRASHES = 3
+#: Rescued jobs come back at a random moment within this many seconds (a crash batch is not re-claimed at once).
+RESCUE_SPREAD = 2.0
+KILLER_MESSAGE = (
+    "the worker died while running it %s times (the job may kill its worker: os._exit, a crash in C code,"
+    " the OOM killer); it goes dead instead of taking more workers down"
+)
 
 
 # -- what the statements return ------------------------------------------------------------------
@@ -96,7 +104,8 @@ class Promoted:
 @dataclass(frozen=True)
 class Rescued:
     count: int
-    dead: list[str]  # ids that were out of attempts and went dead
+    dead: list[str]  # ids that went dead: out of attempts, or their worker died while running them too often
+    started: int = 0  # how many of them had started (charged an attempt); the others got theirs back
 
 
 @dataclass(frozen=True)
@@ -462,11 +471,24 @@ class Store:
     def delete_worker(self, worker_id: str) -> None:
         self._count(self.q.delete_worker, {"id": worker_id})
 
+    def record_running(self, worker_id: str, running: Sequence[str]) -> bool:
+        """Record the jobs this worker has started and not finished; False when its row is not there yet."""
+        return self._count(self.q.record_running, {"id": worker_id, "running": list(running)}) == 1
+
     def rescue(self, after: float) -> Rescued:
-        """Put back running jobs of workers silent for ``after`` seconds (dead when out of attempts)."""
-        params = {"after": after, "channel": self.q.jobs_channel, "error": WORKER_LOST}
+        """Put back running jobs of workers silent for ``after`` seconds: started ones charged (dead when out
+        of attempts or after MAX_CRASHES), the others with their attempt back; spread over RESCUE_SPREAD s."""
+        params = {
+            "after": after,
+            "error": WORKER_LOST,
+            "max_crashes": MAX_CRASHES,
+            "killer_message": KILLER_MESSAGE,
+            "spread": RESCUE_SPREAD,
+        }
         row = self._one(self.q.rescue_jobs, params)
-        return Rescued(int(row[0]) if row else 0, [str(i) for i in (row[2] if row else None) or []])
+        if row is None:
+            return Rescued(0, [])
+        return Rescued(int(row[0]), [str(i) for i in row[2] or []], int(row[1]))
 
     def release_unknown(self, worker_id: str, held: Sequence[str]) -> int:
         """Jobs the database says this worker holds but the worker does not know go back."""

@@ -36,6 +36,7 @@ from .options import validate_queue_name
 from .pools import POOL_CHOICES, AsyncPool, Pool, PoolSetup, ThreadPool
 from .processes import ProcessPool
 from .stager import Stager
+from .starts import StartLog
 from .store import WorkerInfo
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class Worker:
         self.started = threading.Event()
         self.listener = Listener(self.store, self.settings.queues, self._wake_for_work, self._stop)
         self.stager = Stager(self.store, self.settings.stage_interval, self._wake_for_work, self._stop)
+        self.start_log = StartLog(self.store, self.id, stop_event=self._stop)  # what rescue charges an attempt to
         self.broken: list[str] = []  # background loops that died or got stuck: the worker stops, exit code 1
 
     @property
@@ -218,6 +220,7 @@ class Worker:
             lease_held=self.store.lease_held,
             stale_after=s.rescue_after / 2,
             on_dropped=self._drop,
+            on_start=self.start_log.job_started,
             time_limits_in_children=self._time_limits_in_children(),
         )
         self.pool = make_pool(s.pool, setup)
@@ -225,7 +228,7 @@ class Worker:
         # The heartbeat has a stop of its own: it goes on until the last outcome is written, so that a
         # worker finishing its jobs within --grace is not taken for dead and its jobs run twice.
         heartbeat = Heartbeat(self.store, self.tasks, info, s.heartbeat_interval, s.rescue_after, self._held_ids)
-        loops = [self.listener, self.stager, *([self.flusher] if self.flusher else [])]
+        loops = [self.listener, self.stager, self.start_log, *([self.flusher] if self.flusher else [])]
         self._supervised = [self.completer, heartbeat, *loops]
         for loop in self._supervised:
             loop.supervisor = self._loop_died
@@ -352,6 +355,7 @@ class Worker:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         assert self.completer is not None
+        self.start_log.jobs_finished([outcome.job.id])
         self.completer.add(outcome)
 
     def _drop(self, job: ClaimedJob) -> None:

@@ -60,8 +60,8 @@ def test_rescue_returns_jobs_of_a_silent_worker(app: TaskPG, run_worker: Any, db
     with run_worker(app, heartbeat_interval=0.2, rescue_after=1.0):
         assert handle.get(timeout=10) == "done"
     stored = job_row(db, app, handle.id)
-    assert stored["attempt"] == 2
-    assert stored["errors"][0]["type"] == "WorkerLost" and stored["errors"][0]["worker"] == "gone-worker"
+    # It never started on the silent worker: that claim's attempt was given back, nothing recorded against it.
+    assert (stored["attempt"], stored["errors"], stored["rescues"], stored["crashes"]) == (1, [], 1, 0)
 
 
 def test_nul_characters_in_a_result_do_not_stop_the_outcome_writer(
@@ -117,6 +117,9 @@ def test_rescue_waits_a_rescue_period_and_routes_jobs_that_died(app: TaskPG, db:
 
     handle = fragile.delay()
     app.store.claim(["default"], 1, "vanished")
+    app.store.heartbeat(WorkerInfo("vanished", "host", 2, ["default"], 1))
+    app.store.record_running("vanished", [handle.id])  # it had started the job
+    db.execute(f"""UPDATE "{app.schema}".workers SET heartbeat_at = now() - interval '1 hour'""")
     me = WorkerInfo("rescuer", "host", 1, ["default"], 1)
     beat = Heartbeat(app.store, app.tasks, me, 0.1, 1.0, lambda: [])
     beat.beat()
@@ -162,8 +165,92 @@ def test_sigkilled_worker_job_is_rescued_and_finished_by_another(
     assert [e["type"] for e in row["errors"]] == ["WorkerLost"], row["errors"]
     assert row["errors"][0]["attempt"] == 1
     assert row["errors"][0]["worker"] == first_id
-    assert execution_pids(db, migrated_schema, handle.id) == [first.pid, second.pid]
+    # The second run was in a child process of the second worker: a job rescued from a dead worker runs
+    # apart, so that if it is what killed the first, it takes no other job along.
+    first_run, second_run = execution_pids(db, migrated_schema, handle.id)
+    assert first_run == first.pid and parent_of(second_run) == second.pid
+    assert (row["rescues"], row["crashes"]) == (1, 1)
     second.stop()
+
+
+def running_recorded(db: psycopg.Connection, schema: str, job_id: str) -> bool:
+    row = db.execute(f'SELECT count(*) FROM "{schema}".workers WHERE %s = ANY(running)', (job_id,)).fetchone()
+    return row == (1,)
+
+
+@pytest.mark.slow
+def test_a_crash_charges_only_the_job_that_had_started(
+    spawn: Callable[..., WorkerProcess], tasks: SimpleNamespace, db: psycopg.Connection, migrated_schema: str
+) -> None:
+    """max_retries=0, one runner and four prefetched jobs: SIGKILL while the first runs. The first used its
+    only attempt and is dead; the four that never started keep theirs and run once on the next worker."""
+    running = tasks.once.delay(30, 0)
+    queued = [tasks.once.delay(0, n) for n in range(1, 5)]
+    first = spawn(concurrency=1, prefetch=4)  # claims all five at once, in order: the first one runs
+    wait_watching_workers(
+        "the first job's start to be written", lambda: running_recorded(db, migrated_schema, running.id), 15, [first]
+    )
+    wait_watching_workers(
+        "the others to be prefetched",
+        lambda: all(job_row(db, migrated_schema, h.id)["state"] == "running" for h in queued),
+        15,
+        [first],
+    )
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.proc.wait(10) == -signal.SIGKILL
+    second = spawn(concurrency=1)
+
+    def finished() -> bool:
+        return all(job_row(db, migrated_schema, h.id)["state"] in ("succeeded", "dead") for h in [running, *queued])
+
+    wait_watching_workers("every job to finish", finished, 30, [second])
+    dead = job_row(db, migrated_schema, running.id)
+    assert (dead["state"], dead["attempt"], dead["crashes"]) == ("dead", 1, 1)
+    assert [e["type"] for e in dead["errors"]] == ["WorkerLost"]
+    for handle in queued:
+        row = job_row(db, migrated_schema, handle.id)
+        assert (row["state"], row["attempt"], row["errors"], row["rescues"]) == ("succeeded", 1, [], 1), row
+        (pid,) = execution_pids(db, migrated_schema, handle.id)  # it ran once, after the crash,
+        assert parent_of(pid) == second.pid  # apart, in a child of the next worker (it was rescued)
+    second.stop()
+
+
+@pytest.mark.slow
+def test_a_job_that_kills_its_worker_goes_dead_alone(
+    spawn: Callable[..., WorkerProcess], tasks: SimpleNamespace, db: psycopg.Connection, migrated_schema: str
+) -> None:
+    """Two poison jobs (os._exit in the task) among 120 healthy ones, threads pool, default retries; a dead
+    worker is replaced as a supervisor would. Every healthy job succeeds; each poison job kills one worker,
+    then runs apart in a child process until its attempts are spent, and ends dead saying its process died."""
+    healthy = tasks.sleepy.delay_many([(0.02, n) for n in range(120)])
+    poison = [tasks.poison.delay(1000), tasks.poison.delay(1001)]
+    workers = [spawn(concurrency=8)]
+    states = f"""SELECT count(*) FILTER (WHERE state IN ('succeeded', 'dead')) FROM "{migrated_schema}".jobs"""
+    deadline = time.monotonic() + 120
+    while db.execute(states).fetchone() != (122,):
+        assert time.monotonic() < deadline, state_counts(db, migrated_schema)
+        if workers[-1].proc.poll() is not None:  # it died: start another
+            assert workers[-1].proc.returncode == 70
+            workers.append(spawn(concurrency=8))
+        time.sleep(0.1)
+    crashes = len(workers) - 1
+    assert 1 <= crashes <= 2  # a poison job takes down at most one worker: after that it runs apart
+    for job_id in healthy:
+        row = job_row(db, migrated_schema, job_id)
+        assert row["state"] == "succeeded", row  # no neighbour of a crash went dead
+    reruns = sum(max(0, execution_count_of(db, migrated_schema, job_id) - 1) for job_id in healthy)
+    assert reruns <= 8 * crashes  # only jobs running alongside a crash ran again
+    for handle in poison:
+        row = job_row(db, migrated_schema, handle.id)
+        assert row["state"] == "dead" and row["attempt"] == row["max_attempts"], row
+        assert "died" in row["errors"][-1]["message"], row["errors"]
+        # It really ran each time (once more if its first start was not written yet when it killed the worker).
+        assert execution_count_of(db, migrated_schema, handle.id) in (row["max_attempts"], row["max_attempts"] + 1)
+    workers[-1].stop()
+
+
+def execution_count_of(db: psycopg.Connection, schema: str, job_id: str) -> int:
+    return len(execution_pids(db, schema, job_id))
 
 
 # -- Postgres going away: the worker reconnects and LISTEN recovers; enqueue fails clearly, loses nothing.
@@ -472,6 +559,12 @@ def test_a_read_only_server_is_waited_out_and_nothing_runs_twice(
         worker.close()
         admin.close()
         app.close()
+
+
+def parent_of(pid: int) -> int:
+    """The parent process of a live process (from /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
 
 
 def ledger(db: psycopg.Connection, schema: str) -> Counter[str]:

@@ -23,6 +23,8 @@ from taskpg.schema import SCHEMA_REVISION
 from taskpg.store import (
     ANNOUNCE_CHUNK,
     COPY_CHUNK,
+    MAX_CRASHES,
+    RESCUE_SPREAD,
     CappedClaim,
     Copied,
     DeadJob,
@@ -512,42 +514,97 @@ def test_heartbeat_and_list_workers(app: TaskPG, db: psycopg.Connection) -> None
     assert again.alive and again.started_at == row.started_at and again.heartbeat_at > silent.heartbeat_at
 
 
-def test_rescue_puts_back_the_jobs_of_a_silent_worker(app: TaskPG, db: psycopg.Connection) -> None:
+def silent_worker(app: TaskPG, db: psycopg.Connection, worker_id: str, running: Sequence[str]) -> None:
+    """A worker row that recorded ``running`` as started, then stopped heartbeating an hour ago."""
+    app.store.heartbeat(WorkerInfo(worker_id, "host", 1, ["q"], 1))
+    assert app.store.record_running(worker_id, running)
+    db.execute(
+        f"""UPDATE "{app.schema}".workers SET heartbeat_at = now() - interval '1 hour' WHERE id = %s""", (worker_id,)
+    )
+
+
+def test_rescue_gives_a_job_that_never_started_its_attempt_back(app: TaskPG, db: psycopg.Connection) -> None:
     lost, kept = add(app.store, queue="lost"), add(app.store, queue="kept")
-    claim_one(app.store, lost, "w-gone")  # this worker never heartbeats
+    claim_one(app.store, lost, "w-gone")  # claimed by a worker that never heartbeats, and never started it
     app.store.heartbeat(WorkerInfo("w-live", "host", 1, ["kept"], 1))
     claim_one(app.store, kept, "w-live")
 
-    assert app.store.rescue(after=30) == Rescued(1, [])
-    assert cols(db, app, lost.id, "state, attempt, worker_id, finished_at") == ("available", 1, None, None)
-    (errors,) = cols(db, app, lost.id, "errors")
-    assert len(errors) == 1
+    assert app.store.rescue(after=30) == Rescued(1, [], started=0)
+    assert cols(db, app, lost.id, "state, attempt, worker_id, finished_at, errors, rescues, crashes") == (
+        "scheduled",
+        0,  # the claim's attempt is given back
+        None,
+        None,
+        [],  # nothing recorded against it: it never ran
+        1,
+        0,
+    )
+    # It comes back within RESCUE_SPREAD seconds, not all at once with the rest of its batch.
+    assert cols(db, app, lost.id, f"run_at BETWEEN now() AND now() + interval '{RESCUE_SPREAD} s'") == (True,)
+    assert cols(db, app, kept.id, "state, worker_id") == ("running", "w-live")
+    db.execute(f"""UPDATE "{app.schema}".jobs SET state = 'available' WHERE id = %s""", (lost.id,))
+    (again,) = app.store.claim(["lost"], 1, "w-next")
+    assert again.id == lost.id and again.suspect and again.attempt == 1  # its next start is written first
+
+    db.execute(f"""UPDATE "{app.schema}".workers SET heartbeat_at = now() - interval '1 hour'""")
+    assert app.store.rescue(after=30).count == 2  # w-live went silent too (and w-next never heartbeat)
+
+
+def test_rescue_charges_a_started_job_and_counts_the_crash(app: TaskPG, db: psycopg.Connection) -> None:
+    started, prefetched = add(app.store), add(app.store)
+    app.store.claim(["q"], 10, "w-gone")
+    silent_worker(app, db, "w-gone", [started.id])
+
+    assert app.store.rescue(after=30) == Rescued(2, [], started=1)
+    assert cols(db, app, started.id, "state, attempt, rescues, crashes") == ("scheduled", 1, 1, 1)
+    assert cols(db, app, prefetched.id, "state, attempt, rescues, crashes, errors") == ("scheduled", 0, 1, 0, [])
+    (errors,) = cols(db, app, started.id, "errors")
     error = errors[0]
-    assert (error["type"], error["module"], error["attempt"], error["worker"]) == (
+    assert (error["type"], error["module"], error["attempt"], error["worker"], error["crashes"]) == (
         "WorkerLost",
         "taskpg.exceptions",
         1,
         "w-gone",
+        1,
     )
     assert "heartbeat" in error["message"]
-    assert cols(db, app, lost.id, "(errors -> 0 ->> 'at')::timestamptz <= now()") == (True,)
-    assert cols(db, app, kept.id, "state, worker_id") == ("running", "w-live")
-
-    db.execute(f"""UPDATE "{app.schema}".workers SET heartbeat_at = now() - interval '1 hour'""")
-    assert app.store.rescue(after=30) == Rescued(1, [])  # w-live went silent too
-    assert cols(db, app, kept.id, "state") == ("available",)
+    assert cols(db, app, started.id, "(errors -> 0 ->> 'at')::timestamptz <= now()") == (True,)
 
 
-def test_rescue_kills_a_job_on_its_last_attempt(app: TaskPG, db: psycopg.Connection) -> None:
+def test_rescue_kills_a_started_job_on_its_last_attempt(app: TaskPG, db: psycopg.Connection) -> None:
     last = add(app.store, max_attempts=1)
     claim_one(app.store, last, "w-gone")
-    assert app.store.rescue(after=30) == Rescued(1, [last.id])
+    silent_worker(app, db, "w-gone", [last.id])
+    assert app.store.rescue(after=30) == Rescued(1, [last.id], started=1)
     assert cols(db, app, last.id, "state, finished_at IS NOT NULL, errors -> -1 ->> 'type'") == (
         "dead",
         True,
         "WorkerLost",
     )
     assert app.store.rescue(after=30) == Rescued(0, [])
+
+
+def test_a_job_whose_worker_died_while_running_it_three_times_goes_dead(app: TaskPG, db: psycopg.Connection) -> None:
+    killer = add(app.store, max_attempts=10)  # attempts to spare: the crashes end it
+    for crash in range(1, MAX_CRASHES + 1):
+        db.execute(f"""UPDATE "{app.schema}".jobs SET state = 'available' WHERE id = %s""", (killer.id,))
+        claim_one(app.store, killer, f"w-{crash}")
+        silent_worker(app, db, f"w-{crash}", [killer.id])
+        rescued = app.store.rescue(after=30)
+        assert rescued.dead == ([killer.id] if crash == MAX_CRASHES else [])
+    state, attempt, crashes, errors = cols(db, app, killer.id, "state, attempt, crashes, errors")
+    assert (state, attempt, crashes) == ("dead", 3, 3)
+    assert [e["crashes"] for e in errors] == [1, 2, 3]
+    assert "the worker died while running it 3 times" in errors[-1]["message"]
+    assert "heartbeat" in errors[0]["message"]
+
+
+def test_record_running_needs_the_worker_row(app: TaskPG, db: psycopg.Connection) -> None:
+    job = add(app.store)
+    assert not app.store.record_running("w-unregistered", [job.id])
+    app.store.heartbeat(WorkerInfo("w1", "host", 1, ["q"], 1))
+    assert app.store.record_running("w1", [job.id])
+    assert one(db, f'SELECT running::text[] FROM "{app.schema}".workers') == ([job.id],)
 
 
 def test_release_unknown_returns_old_claims_the_worker_does_not_hold(app: TaskPG, db: psycopg.Connection) -> None:

@@ -66,3 +66,19 @@ def soft(self: Any, n: int) -> str:
     except SoftTimeLimitExceeded:
         return "soft"
     return "not interrupted"
+
+
+@app.task(bind=True, max_retries=0)
+def once(self: Any, seconds: float, n: int) -> int:
+    """sleepy without retries: one attempt only."""
+    _record_execution(self, n)
+    time.sleep(seconds)
+    return n
+
+
+@app.task(bind=True, retry_backoff=0.1, retry_jitter=False)
+def poison(self: Any, n: int) -> None:
+    """Kills the process that runs it (as a segfault in C code or the OOM killer would)."""
+    _record_execution(self, n)
+    time.sleep(0.05)
+    os._exit(70)
