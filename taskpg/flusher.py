@@ -43,7 +43,14 @@ logger = logging.getLogger("taskpg.flusher")
 
 # KEYS: buffer, processing list, registry of processing lists. ARGV: how many to move, separator.
 # Returns the count and the envelopes joined by the separator: one reply to read, not one per envelope.
+# Idempotent: the processing list is new for each batch (its id chosen by the flusher), so a move sent
+# again by the client after a lost reply (retry_on_timeout) finds it and returns the same batch instead
+# of appending the next one to it (which the flusher would then delete unwritten).
 _MOVE_BATCH = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local moved = redis.call('LRANGE', KEYS[2], 0, -1)
+  return {#moved, table.concat(moved, ARGV[2])}
+end
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #items > 0 then
   for i = 1, #items, 5000 do
@@ -133,7 +140,10 @@ class Flusher(BackgroundLoop):
     # -- the lock ----------------------------------------------------------------------------------
 
     def acquire(self) -> bool:
-        return bool(self.redis.set(self.lock, self.id, nx=True, px=self.lock_ttl_ms))
+        """Take the flush lock. A SET sent again after a lost reply finds the lock already ours."""
+        if self.redis.set(self.lock, self.id, nx=True, px=self.lock_ttl_ms):
+            return True
+        return self.redis.get(self.lock) == self.id.encode()
 
     def renew(self) -> bool:
         return bool(self._renew(keys=[self.lock], args=[self.id, self.lock_ttl_ms]))

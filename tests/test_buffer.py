@@ -514,3 +514,36 @@ def test_webhook_receiver_example(pg_dsn: str, schema: str, redis_url: str, db: 
     client = redis.Redis.from_url(redis_url)
     assert list(client.scan_iter(f"taskpg:{schema}:*")) == []
     client.close()
+
+
+def test_a_lost_reply_to_the_move_loses_nothing(pg_dsn: str, migrated_schema: str, db: psycopg.Connection) -> None:
+    """With retry_on_timeout (a common client setting) a lost reply makes redis-py send the move again.
+    The second move must not append the next batch to the same processing list: it returns the batch
+    already moved, and every envelope lands once."""
+    from support.lossy_proxy import LossyProxy
+
+    with LossyProxy(6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0?retry_on_timeout=true&socket_timeout=0.5"
+        app = TaskPG(pg_dsn, schema=migrated_schema, redis_url=url)
+
+        @app.task(name="buffered.record")
+        def record(n: int) -> int:
+            return n
+
+        try:
+            for n in range(150):
+                record.apply_async((n,), via="buffer")
+            flusher = Flusher(app, batch_size=50)
+            proxy.drop_reply_to(b"$3\r\nSET\r\n")  # the lock's SET NX: sent again, it must still count as ours
+            assert flusher.acquire()
+            flusher.release()
+            proxy.drop_reply_to(b"EVALSHA")  # the first move's reply
+            assert flusher.drain() == 150
+            assert proxy.dropped == 2
+        finally:
+            app.close()
+            client = redis.Redis()
+            keys = list(client.scan_iter(f"taskpg:{migrated_schema}:*"))
+            assert keys == []  # buffer and processing lists all gone
+    rows = db.execute(f'SELECT args ->> 0 FROM "{migrated_schema}".jobs').fetchall()
+    assert sorted(int(n) for (n,) in rows) == list(range(150))  # each once
