@@ -1106,6 +1106,18 @@ def test_pool_admit_reserves_again_for_a_job_that_missed_its_start(offline: Task
     assert [key for key, _ in rates.asked] == ["units.api"]
 
 
+def test_pool_admit_sends_a_job_whose_rate_limit_key_cannot_be_rendered_dead(offline: TaskPG) -> None:
+    @offline.task(name="units.keyed", rate_limit="5/s", rate_limit_key="{tenant}")
+    def keyed(**kwargs: Any) -> None: ...  # **kwargs: the template cannot be checked at declaration
+
+    rates = FakeRates()
+    outcome = limited_pool(offline, rates).admit(call_of(keyed, claimed("units.keyed"), other=1))
+    assert isinstance(outcome, Outcome) and outcome.state is JobState.DEAD, outcome  # not retried for ever
+    assert outcome.error is not None and outcome.error["type"] == "ConfigurationError"
+    assert "names 'tenant', not an argument" in outcome.error["message"]
+    assert rates.asked == []
+
+
 def test_pool_admit_puts_a_job_back_until_just_before_a_later_start(offline: TaskPG) -> None:
     @offline.task(name="units.api", rate_limit="10/s", queue="io")
     def api() -> None: ...
