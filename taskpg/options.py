@@ -15,8 +15,8 @@ from .retry import DEFAULT_BACKOFF_MAX, DEFAULT_RETRY_DELAY, RetryPolicy
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-<>]{0,254}$")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")  # fullmatch: "$" would let a trailing "\n" in
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-<>]{0,254}")
 UNLIMITED_ATTEMPTS = 2**31 - 1
 VIA_CHOICES = ("db", "buffer")
 THROTTLE_MODES = ("drop", "defer")
@@ -24,13 +24,13 @@ THROTTLE_MODES = ("drop", "defer")
 
 def validate_queue_name(name: Any, option: str = "queue") -> str:
     """Queue names are data (never SQL text), but keep them to a safe, printable alphabet."""
-    if not isinstance(name, str) or not QUEUE_NAME.match(name):
+    if not isinstance(name, str) or not QUEUE_NAME.fullmatch(name):
         raise ConfigurationError(f"{option}={name!r}: use 1-64 characters of letters, digits and _ . : -")
     return name
 
 
 def validate_task_name(name: Any) -> str:
-    if not isinstance(name, str) or not TASK_NAME.match(name):
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
         raise ConfigurationError(
             f"task name {name!r}: use up to 255 letters, digits and _ . : - < >, starting with a letter or _"
         )
@@ -130,7 +130,7 @@ class TaskOptions:
         _check_schedule(opts)
         dead_letter = opts["dead_letter"]
         if dead_letter is not None and not (
-            isinstance(dead_letter, str) and (QUEUE_NAME.match(dead_letter) or TASK_NAME.match(dead_letter))
+            isinstance(dead_letter, str) and (QUEUE_NAME.fullmatch(dead_letter) or TASK_NAME.fullmatch(dead_letter))
         ):
             raise ConfigurationError(f"dead_letter={dead_letter!r}: expected a queue name or a task name")
         for flag in ("bind", "ignore_result", "retry_jitter"):

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 SCHEMA_REVISION = "0005"
 
 DEFAULT_SCHEMA = "taskpg"
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # fullmatch: "$" would let a trailing "\n" in
 
 
 def _state_in(states: Iterable[JobState]) -> str:
@@ -47,7 +47,7 @@ _STATE_ORDER = list(JobState)
 
 def validate_schema_name(name: str) -> str:
     """Schema names are identifiers we put in SQL: allow-list them."""
-    if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
         raise ConfigurationError(
             f"schema name {name!r} is not allowed: use 1-40 characters of a-z, 0-9 and _, not starting with a digit"
         )

@@ -1588,3 +1588,20 @@ def test_snooze_and_retry_refuse_waits_that_are_not_finite_seconds(seconds: floa
         Snooze(seconds)
     with pytest.raises(ValueError, match="finite"):
         Retry(countdown=seconds)
+
+
+@pytest.mark.parametrize("bad", ["default\n", "default\r\n", "\ndefault", "de fault"])
+def test_names_with_a_line_break_are_refused_everywhere(offline: TaskPG, bad: str) -> None:
+    """A "$"-anchored pattern lets a trailing newline through: a job on queue "default\\n" would wait for ever."""
+
+    @offline.task(name="units.named")
+    def named() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="queue="):
+        named.apply_async(queue=bad)
+    with pytest.raises(ConfigurationError, match="queue="):
+        offline.queue(bad, concurrency=1)
+    with pytest.raises(ConfigurationError, match="task name"):
+        offline.task(name=f"units.{bad}")(lambda: None)
+    with pytest.raises(ConfigurationError):
+        validate_schema_name(bad.replace("default", "taskpg"))
