@@ -53,6 +53,15 @@ def _has_nul(json_text: str) -> bool:
     return "\\u0000" in json_text and _NUL_ESCAPE.search(json_text) is not None
 
 
+def _has_lone_surrogate(text: str) -> bool:
+    """Whether text holds a code point UTF-8 cannot encode (only checked for non-ASCII text)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def encode_arguments(
     task: str,
     args: Sequence[Any],
@@ -74,6 +83,11 @@ def encode_arguments(
     if _has_nul(args_json) or _has_nul(kwargs_json):
         raise SerializationError(
             f"task {task!r}: arguments contain a NUL character (\\u0000), which Postgres cannot store"
+        )
+    if not (args_json.isascii() and kwargs_json.isascii()) and _has_lone_surrogate(args_json + kwargs_json):
+        raise SerializationError(
+            f"task {task!r}: arguments contain a lone surrogate (U+D800-U+DFFF, e.g. from bytes decoded with"
+            " 'surrogateescape'), which is not UTF-8: Postgres cannot store it"
         )
     size = len(args_json) + len(kwargs_json)
     if size * 4 > max_bytes:

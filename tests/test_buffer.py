@@ -245,6 +245,26 @@ def test_nul_characters_are_refused_at_enqueue_and_at_flush(
     assert "NUL" in rows[1][1][0]["message"]
 
 
+def test_lone_surrogates_are_refused_on_every_enqueue_path(buffered_app: TaskPG, db: psycopg.Connection) -> None:
+    from taskpg import SerializationError
+
+    @buffered_app.task(name="text")
+    def text(value: str) -> None:
+        return None
+
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what reading Latin-1 bytes as UTF-8 leaves
+    for enqueue in (
+        lambda: text.delay(bad),
+        lambda: text.delay_many([(bad,)]),
+        lambda: text.apply_async(kwargs={"value": bad}),
+        lambda: text.apply_async(args=(bad,), via="buffer"),
+    ):
+        with pytest.raises(SerializationError, match="lone surrogate"):
+            enqueue()
+    assert db.execute(f'SELECT count(*) FROM "{buffered_app.schema}".jobs').fetchone() == (0,)
+    assert redis.Redis.from_url(buffered_app.redis_url or "").llen(buffer_key(buffered_app.schema)) == 0
+
+
 def test_odd_envelopes_never_block_the_flusher(buffered_app: TaskPG, redis_url: str, db: psycopg.Connection) -> None:
     @buffered_app.task(name="known")
     def known(a: int = 0) -> None:
