@@ -75,8 +75,17 @@ def _app_from_args(args: argparse.Namespace) -> TaskPG:
     return app
 
 
+def printable(value: Any) -> str:
+    """A cell as text with control characters escaped: a task name or error message stored by another
+    producer must not move the cursor, clear the screen or forge lines in an operator's terminal."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _print_table(rows: list[list[Any]], header: list[str]) -> None:
-    table = [header, *[["" if v is None else str(v) for v in row] for row in rows]]
+    table = [header, *[[printable(v) for v in row] for row in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -232,6 +233,22 @@ def test_dead_list_shows_dead_jobs_with_their_last_error(
 
     result = cli(app.schema, "dead", "list", "--task", "cli.bust")
     assert [line.split()[0] for line in result.out.splitlines()[1:]] == [mixed.bust]
+
+
+def test_dead_list_escapes_control_characters(
+    cli: Callable[..., SimpleNamespace], app: TaskPG, db: psycopg.Connection
+) -> None:
+    """A task name or message stored by another producer cannot drive the operator's terminal."""
+    error = {"type": "ValueError", "message": "red\x1b[31m\nforged line", "attempt": 1}
+    db.execute(
+        f"""INSERT INTO "{app.schema}".jobs (id, task, queue, state, attempt, errors, finished_at)
+            VALUES (gen_random_uuid(), %s, 'default', 'dead', 1, %s, now())""",
+        ("evil\x1b[2J", json.dumps([error])),
+    )
+    result = cli(app.schema, "dead", "list")
+    assert result.code == 0
+    assert "\x1b" not in result.out and len(result.out.splitlines()) == 2, result.out
+    assert "evil\\x1b[2J" in result.out and "red\\x1b[31m\\nforged line" in result.out
 
 
 def test_dead_retry_by_id_makes_the_job_available_and_keeps_its_errors(
