@@ -53,6 +53,14 @@ def _has_nul(json_text: str) -> bool:
     return "\\u0000" in json_text and _NUL_ESCAPE.search(json_text) is not None
 
 
+def storable_text(text: str) -> str:
+    """Text Postgres can hold: NUL characters written as \\x00, lone surrogates as \\udXXX escapes."""
+    text = text.replace("\x00", "\\x00")
+    if not text.isascii() and _has_lone_surrogate(text):
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def _has_lone_surrogate(text: str) -> bool:
     """Whether text holds a code point UTF-8 cannot encode (only checked for non-ASCII text)."""
     try:

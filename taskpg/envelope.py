@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import codec
 from .exceptions import ConfigurationError, NotRegistered
 from .job import NewJob, new_job_id
-from .options import validate_priority, validate_queue_name
+from .options import validate_priority, validate_queue_name, validate_task_name
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -106,10 +106,18 @@ def decode(
     ``make_id`` gives the id of an envelope that carries none; the flusher derives it from the
     envelope's place in its batch, so that writing the same batch twice yields the same ids.
     """
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    size = len(raw) if isinstance(raw, bytes) else len(text.encode())
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
-        return _rejected(text, f"envelope takes {size} bytes, over the limit of {max_bytes}", make_id)
+        shown = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+        return _rejected(shown, f"envelope takes {size} bytes, over the limit of {max_bytes}", make_id)
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # never replaced with U+FFFD and run: its bytes are kept, escaped
+            reason = f"envelope is not UTF-8 ({exc.reason} at byte {exc.start}); kept with \\xNN escapes"
+            return _rejected(raw.decode("utf-8", "backslashreplace"), reason, make_id)
+    else:
+        text = raw
     try:
         data = codec.loads(text)
     except Exception as exc:
@@ -187,6 +195,10 @@ def _optional_text(value: Any, name: str) -> str | None:
 
 def _rejected(raw: str, reason: str, make_id: Callable[[], str], data: dict[str, Any] | None = None) -> Rejected:
     task = data.get("task") if data and isinstance(data.get("task"), str) else UNDECODABLE_TASK
+    try:
+        task = validate_task_name(task)
+    except ConfigurationError:  # a name Postgres or a terminal cannot take: the raw text keeps it
+        task = UNDECODABLE_TASK
     queue = data.get("queue") if data and isinstance(data.get("queue"), str) else "default"
     try:
         queue = validate_queue_name(queue)
@@ -200,7 +212,7 @@ def _rejected(raw: str, reason: str, make_id: Callable[[], str], data: dict[str,
         id=job_id or make_id(),
         task=str(task),
         queue=queue,
-        args=codec.dumps([raw]),
+        args=codec.dumps([codec.storable_text(raw)]),  # a raw NUL or lone surrogate must not block the batch
         kwargs="{}",
         priority=0,
         max_attempts=1,

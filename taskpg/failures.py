@@ -48,8 +48,8 @@ def record(
         "attempt": attempt,
         "type": error_type,
         "module": module,
-        "message": _storable(message),
-        "traceback": None if traceback_text is None else _storable(traceback_text),
+        "message": codec.storable_text(message),
+        "traceback": None if traceback_text is None else codec.storable_text(traceback_text),
         "worker": worker,
         "at": (at or dt.datetime.now(dt.timezone.utc)).isoformat(),
     }
@@ -77,11 +77,6 @@ def sql_template(error_type: str, message: str) -> str:
     for key in ("attempt", "worker", "at"):
         del fixed[key]
     return codec.dumps(fixed)
-
-
-def _storable(text: str) -> str:
-    """Postgres text and jsonb cannot hold NUL characters."""
-    return text.replace("\x00", "\\x00")
 
 
 def rebuild(error: dict[str, Any]) -> BaseException:

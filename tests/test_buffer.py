@@ -129,7 +129,7 @@ def test_bad_envelopes_become_dead_jobs_with_the_raw_payload(
     assert len(rows) == 6
     dead = {args[0]: errors[0]["message"] for task, state, args, errors in rows if state == "dead"}
     assert len(dead) == 5
-    assert "is not JSON" in dead["\ufffd\ufffd not json"]
+    assert "is not UTF-8" in dead["\\xff\\xfe not json"]  # its bytes kept as escapes, not U+FFFD
     assert "not a JSON object" in dead["[1, 2, 3]"]
     assert "unknown task 'nobody.knows'" in dead[raw[2].decode()]
     assert "'args' must be a list" in dead[raw[3].decode()]
@@ -263,6 +263,34 @@ def test_lone_surrogates_are_refused_on_every_enqueue_path(buffered_app: TaskPG,
             enqueue()
     assert db.execute(f'SELECT count(*) FROM "{buffered_app.schema}".jobs').fetchone() == (0,)
     assert redis.Redis.from_url(buffered_app.redis_url or "").llen(buffer_key(buffered_app.schema)) == 0
+
+
+def test_hostile_envelopes_go_dead_alone_and_the_batch_lands(
+    buffered_app: TaskPG, redis_url: str, db: psycopg.Connection
+) -> None:
+    """Pushed by another producer: bytes that are not UTF-8, a lone surrogate, a raw NUL, a NUL in the task
+    name. Each becomes a dead job that keeps its bytes (escaped) and says why; the good envelope lands."""
+
+    @buffered_app.task(name="text")
+    def text(value: str) -> None:
+        return None
+
+    hostile = {
+        b'{"task":"text","args":["caf\xe9"]}': "not UTF-8",
+        b'{"task":"text","args":["\\ud800"]}': "lone surrogate",
+        b'{"task":"text","args":["a\x00b"]}': "not JSON",
+        b'{"task":"te\\u0000xt","args":["ok"]}': "unknown task",
+    }
+    redis.Redis.from_url(redis_url).rpush(buffer_key(buffered_app.schema), *hostile, b'{"task":"text","args":["fine"]}')
+    assert Flusher(buffered_app).drain() == 5
+    rows = db.execute(f'SELECT state, task, args, errors FROM "{buffered_app.schema}".jobs').fetchall()
+    assert sorted(state for state, *_ in rows) == ["available", "dead", "dead", "dead", "dead"]
+    dead = {json.dumps(args): errors[-1]["message"] for state, task, args, errors in rows if state == "dead"}
+    assert all("\x00" not in raw for raw in dead)
+    for reason in hostile.values():
+        assert any(reason in message for message in dead.values()), (reason, dead)
+    assert any("caf\\\\xe9" in raw for raw in dead), dead  # the byte kept as an escape, not U+FFFD
+    assert {task for state, task, *_ in rows if state == "dead"} <= {"text", "taskpg.undecodable_envelope"}
 
 
 def test_odd_envelopes_never_block_the_flusher(buffered_app: TaskPG, redis_url: str, db: psycopg.Connection) -> None:
