@@ -108,15 +108,7 @@ class Executor:
         problem = self._signature_mismatch(task, args, kwargs)
         if problem is not None:
             return self.dead(job, "ArgumentMismatch", f"arguments do not fit {task.name}{problem}")
-        request = Request(
-            id=job.id,
-            task=job.task,
-            queue=job.queue,
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            args=args,
-            kwargs=kwargs,
-        )
+        request = Request.of(job, args, kwargs)
         return Call(job, task, request)
 
     def adopt(self, job: ClaimedJob, request: Request) -> Call | Outcome:

@@ -13,7 +13,7 @@ from . import codec, guards
 from .connections import caller_connection
 from .enqueue import copy_batch, insert_job, insert_jobs
 from .exceptions import ConfigurationError, NotRegistered, Retry, SerializationError, Snooze
-from .job import JobBatch, NewJob, Row, job_id_sequence, new_job_id
+from .job import ClaimedJob, JobBatch, NewJob, Row, job_id_sequence, new_job_id
 from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
 from .result import AsyncResult
 
@@ -45,6 +45,11 @@ class Request:
     def retries(self) -> int:
         """Celery's name: how many times this job was retried before this attempt."""
         return max(0, self.attempt - 1)
+
+    @classmethod
+    def of(cls, job: ClaimedJob, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Request:
+        """The request of one attempt of a claimed job, with its decoded arguments."""
+        return cls(job.id, job.task, job.queue, job.attempt, job.max_attempts, args, kwargs)
 
 
 class TaskHost(Protocol):

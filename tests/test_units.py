@@ -102,15 +102,7 @@ def claimed(
 
 
 def call_of(task: Task[Any, Any], job: ClaimedJob, *args: Any, **kwargs: Any) -> Call:
-    request = Request(
-        id=job.id,
-        task=job.task,
-        queue=job.queue,
-        attempt=job.attempt,
-        max_attempts=job.max_attempts,
-        args=list(args),
-        kwargs=kwargs,
-    )
+    request = Request.of(job, list(args), kwargs)
     return Call(job, task, request)
 
 
