@@ -23,14 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec
-from .exceptions import ConfigurationError, NotRegistered
+from .exceptions import ConfigurationError
 from .job import NewJob, new_job_id
-from .options import validate_priority, validate_queue_name, validate_task_name
+from .options import TaskOptions, validate_priority, validate_queue_name, validate_task_name
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
-
-    from .options import TaskOptions
 
 
 class Declared(Protocol):
@@ -39,6 +37,14 @@ class Declared(Protocol):
     @property
     def options(self) -> TaskOptions: ...
 
+
+class _Undeclared:
+    """The defaults for an envelope of a task the flushing app does not declare."""
+
+    options = TaskOptions()
+
+
+_UNDECLARED = _Undeclared()
 
 #: Task name given to a dead job made from an envelope that could not be decoded at all.
 UNDECODABLE_TASK = "taskpg.undecodable_envelope"
@@ -131,14 +137,18 @@ def decode(
         return _rejected(text, "envelope has no task name ('task' or 'kind')", make_id)
     try:
         return _job(data, name, tasks, make_id)
-    except NotRegistered:
-        return _rejected(text, f"unknown task {name!r}: no task of that name is registered", make_id, data)
     except Exception as exc:  # any other bad value: a dead job with the reason, never a stuck batch
         return _rejected(text, f"envelope is invalid: {exc}", make_id, data)
 
 
 def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Declared], make_id: Callable[[], str]) -> NewJob:
-    task = tasks[name]
+    # A task this app does not declare is not the flusher's to judge (another app on the schema, a
+    # partial import, an older release mid-deploy): it becomes an ordinary job with the envelope's
+    # values, or the defaults, and the worker that claims it decides, as for a direct enqueue.
+    declared = tasks.get(name)
+    task = _UNDECLARED if declared is None else declared
+    if declared is None:
+        validate_task_name(name)
     args = data.get("args") or []
     kwargs = data.get("kwargs") or {}
     if not isinstance(args, list) or not isinstance(kwargs, dict):
