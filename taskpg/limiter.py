@@ -144,8 +144,12 @@ class RateLimiter:
         return rates
 
     def applies_to(self, task: Task[Any, Any] | None, queue: str) -> bool:
-        """Whether starting a job of this task in this queue needs a decision (a task or queue limit)."""
-        return bool(self.rates_of(task, queue))
+        """Whether starting a job of this task in this queue needs a decision (a task or queue limit).
+        Asked for every job a worker starts: no list built, as rates_of does."""
+        if task is not None and task.options.rate_limit is not None:
+            return True
+        options = self.queues.get(queue)
+        return options is not None and options.rate_limit is not None
 
     def tolerance(self, task: Task[Any, Any], queue: str) -> float:
         """How late a job may start after its reserved start (the strictest of its limits)."""
