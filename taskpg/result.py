@@ -115,8 +115,10 @@ class AsyncResult:
             remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+            # The row's id differs from ours when this call was a buffered duplicate of a unique job.
+            wanted = {self.id} if row is None else {self.id, row.id}
             for payload in store.notifications(min(remaining, SAFETY_RECHECK_SECONDS)):
-                if self.id in payload.split(","):
+                if not wanted.isdisjoint(payload.split(",")):
                     break
 
     def _outcome(self, row: JobRecord, propagate: bool) -> Any:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # fullmatch: "$" would let a trailing "\n" in
@@ -163,5 +163,14 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("key", Text, primary_key=True),
         Column("tat", DateTime(timezone=True), nullable=False),
         Column("granted", BigInteger, nullable=False, server_default=text("0")),
+    )
+    # Buffered calls a unique key turned away at flush: the call's job id -> the job holding the key.
+    Table(
+        "duplicates",
+        metadata,
+        Column("id", UUID(as_uuid=False), primary_key=True),
+        Column("holder", UUID(as_uuid=False), nullable=False),
+        Column("unique_key", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     )
     return metadata

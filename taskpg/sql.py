@@ -130,6 +130,30 @@ WITH inserted AS (
 SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM woken)
 """
 
+# After INSERT_FROM_STAGING, in its transaction: the staged jobs that are not in the table now were
+# turned away by a unique key (a re-flushed job is in the table). Each gets the holder of its key: the
+# unfinished job, or, should it have finished a moment ago, the newest job with the key. Returns how
+# many were recorded.
+RECORD_DUPLICATES = """
+WITH recorded AS (
+    INSERT INTO {duplicates} (id, holder, unique_key)
+    SELECT s.id, holder.id, s.unique_key
+    FROM taskpg_staging AS s
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(
+            (SELECT j.id FROM {jobs} AS j
+             WHERE j.unique_key = s.unique_key AND j.state IN ('scheduled', 'available', 'running')),
+            (SELECT j.id FROM {jobs} AS j WHERE j.unique_key = s.unique_key ORDER BY j.created_at DESC LIMIT 1)
+        ) AS id
+    ) AS holder
+    WHERE s.unique_key IS NOT NULL AND holder.id IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM {jobs} AS j WHERE j.id = s.id)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM recorded
+"""
+
 # Wake the workers of these queues (once per queue, after a COPY).
 NOTIFY_QUEUES = "SELECT pg_notify(%(channel)s, queue) FROM unnest(%(queues)s::text[]) AS queue"
 
@@ -137,10 +161,11 @@ DB_NOW = "SELECT clock_timestamp()"
 
 # -- results -----------------------------------------------------------------------------------
 
+# A job by id; the id of a buffered call that a unique key turned away reads as its holder.
 GET_JOB = """
 SELECT id::text AS id, task, queue, state, attempt, max_attempts, snoozes, priority, args, kwargs, result, errors,
        run_at, created_at, started_at, finished_at, worker_id
-FROM {jobs} WHERE id = %(id)s
+FROM {jobs} WHERE id = COALESCE((SELECT holder FROM {duplicates} WHERE id = %(id)s::uuid), %(id)s::uuid)
 """
 
 # Cancel a job that has not started. The state test runs under the row lock, so a job a
@@ -148,7 +173,8 @@ FROM {jobs} WHERE id = %(id)s
 REVOKE_JOB = """
 WITH revoked AS (
     UPDATE {jobs} SET state = 'cancelled', finished_at = now()
-    WHERE id = %(id)s AND state IN ('available', 'scheduled')
+    WHERE id = COALESCE((SELECT holder FROM {duplicates} WHERE id = %(id)s::uuid), %(id)s::uuid)
+      AND state IN ('available', 'scheduled')
     RETURNING id
 )
 SELECT pg_notify(%(done_channel)s, id::text) FROM revoked
@@ -468,7 +494,8 @@ SELECT task, sum(throttled)::bigint, sum(snoozed)::bigint FROM (
 PRUNE_LIMITS = """
 WITH windows AS (DELETE FROM {throttle_windows} WHERE window_end < now() - interval '1 day'),
      locks AS (DELETE FROM {unique_locks} WHERE until < now()),
-     rates AS (DELETE FROM {rate_limits} WHERE tat < now() - interval '1 day')
+     rates AS (DELETE FROM {rate_limits} WHERE tat < now() - interval '1 day'),
+     duplicates AS (DELETE FROM {duplicates} WHERE created_at < now() - interval '7 days')
 SELECT 1
 """
 
@@ -531,6 +558,7 @@ class Queries:
         self.create_staging = self._render(CREATE_STAGING)
         self.copy_staging = self._render(COPY_STAGING)
         self.insert_from_staging = self._render(INSERT_FROM_STAGING)
+        self.record_duplicates = self._render(RECORD_DUPLICATES)
         self.notify_queues = self._render(NOTIFY_QUEUES)
         self.db_now = self._render(DB_NOW)
         self.get_job = self._render(GET_JOB)
@@ -577,6 +605,7 @@ class Queries:
                 unique_locks=sql.Identifier(self.schema, "unique_locks"),
                 throttle_windows=sql.Identifier(self.schema, "throttle_windows"),
                 rate_limits=sql.Identifier(self.schema, "rate_limits"),
+                duplicates=sql.Identifier(self.schema, "duplicates"),
                 alembic_version=sql.Identifier(self.schema, "alembic_version"),
             )
             .as_string()

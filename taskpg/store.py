@@ -342,13 +342,16 @@ class Store:
     def copy_staged(self, jobs: Iterable[NewJob], dead_reasons: Mapping[str, str]) -> int:
         """Insert jobs that may already be in the table: COPY into a temporary staging table, then
         ``INSERT ... ON CONFLICT DO NOTHING`` (wakes the queues of new due jobs). Jobs named in
-        ``dead_reasons`` are stored dead with an ``EnvelopeRejected`` failure. Returns how many were
-        new. Run it inside ``transaction()``: the staging table empties at commit."""
+        ``dead_reasons`` are stored dead with an ``EnvelopeRejected`` failure; a job whose unique key
+        an unfinished job holds is recorded as that job's duplicate. Returns how many were new. Run it
+        inside ``transaction()``: the staging table empties at commit."""
         conn = self._bound()
         conn.execute(self.q.create_staging)
         now = self.db_now()
+        unique = False
         with conn.cursor() as cur, cur.copy(self.q.copy_staging) as copy:
             for job in jobs:
+                unique = unique or job.unique_key is not None
                 run_at = job.eta or now + dt.timedelta(seconds=job.countdown)
                 state = JobState.SCHEDULED if run_at > now else JobState.AVAILABLE
                 errors, finished_at = "[]", None
@@ -359,6 +362,8 @@ class Store:
                 values = (job.id, job.task, job.queue, job.args, job.kwargs, job.priority, job.max_attempts)
                 copy.write_row((*values, state.value, run_at, job.unique_key, errors, finished_at))
         row = conn.execute(self.q.insert_from_staging, {"channel": self.q.jobs_channel}).fetchone()
+        if unique:  # a job a unique key turned away: its handle is to lead to the holder
+            conn.execute(self.q.record_duplicates)
         return int(row[0]) if row else 0
 
     def notify_queues(self, queues: Sequence[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 import multiprocessing
 import os
 import re
@@ -17,7 +18,7 @@ import psycopg
 import pytest
 from support.paths import EXAMPLES
 
-from taskpg import ConfigurationError, TaskPG
+from taskpg import AsyncResult, ConfigurationError, TaskPG
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -166,6 +167,38 @@ def test_unique_bulk_and_buffered(buffered_app: TaskPG, db: psycopg.Connection) 
     assert len({h.id for h in buffered}) == 1
     Flusher(buffered_app).drain()
     assert db.execute(f'SELECT count(*) FROM "{buffered_app.schema}".jobs').fetchone() == (4,)
+
+
+def test_a_buffered_call_turned_away_by_a_unique_key_leads_to_the_holder(
+    buffered_app: TaskPG, db: psycopg.Connection, run_worker: Any
+) -> None:
+    from taskpg.flusher import Flusher
+
+    @buffered_app.task(unique_key="{order}")
+    def charge(order: int) -> str:
+        return f"charged {order}"
+
+    direct = charge.delay(7)  # holds the key in Postgres; Redis knows nothing of it
+    buffered = charge.apply_async(args=(7,), via="buffer")
+    foreign = buffered_app.buffer.client  # another producer's envelope with the same key
+    foreign_id = "0190a000-0000-7000-8000-000000000007"
+    foreign.rpush(
+        buffered_app.buffer.key,
+        json.dumps({"id": foreign_id, "task": charge.name, "args": [7], "unique_key": f"{charge.name}:7"}),
+    )
+    assert buffered.id != direct.id and buffered.status == "PENDING"
+    assert Flusher(buffered_app).drain() == 2
+    schema = buffered_app.schema
+    assert db.execute(f'SELECT count(*) FROM "{schema}".jobs').fetchone() == (1,)
+    holders = db.execute(f'SELECT id::text, holder::text FROM "{schema}".duplicates ORDER BY id').fetchall()
+    assert sorted(holders) == sorted([(buffered.id, direct.id), (foreign_id, direct.id)])
+    info = buffered.info()
+    assert info is not None and info["id"] == direct.id  # the handle reads the holder's row
+    with run_worker(buffered_app):
+        assert buffered.get(timeout=15) == "charged 7"
+        assert AsyncResult(buffered_app, foreign_id).get(timeout=15) == "charged 7"
+    assert buffered.status == "SUCCESS"
+    assert Flusher(buffered_app).drain() == 0  # nothing left behind in Redis either
 
 
 # -- rate limits and concurrency caps ----------------------------------------------------------------------
