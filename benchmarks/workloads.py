@@ -57,7 +57,7 @@ RAW_DRAIN = {"connections": 2, "batch": 200}  # the batched raw ceiling: one con
 W4_INTERVAL = 0.010  # seconds between enqueues
 W4_CONCURRENCY = 8
 DRAIN_CONCURRENCY = 8  # W3b and W5 run the reference setting, -c 8
-CLAIM_PARAMS = {"queues": ["default"], "limit": 16, "worker_id": "bench-explain"}  # for EXPLAIN
+CLAIM_PARAMS = {"queues": ["default"], "limit": 16, "worker_id": "bench-explain", "fetch_limit": 2_000_000}
 
 
 @dataclass(frozen=True)
@@ -516,18 +516,25 @@ def statement_plans(dsn: str, schema: str) -> dict[str, str]:
     q = Queries(schema)
     ids = [str(uuid.uuid4()) for _ in range(16)]
     finish = {"outcomes": json.dumps([{"id": i, "lease": i, "state": "succeeded"} for i in ids])}
-    generic = q.claim_jobs.replace("%(queues)s", "$1").replace("%(limit)s", "$2").replace("%(worker_id)s", "$3")
+    generic = (
+        q.claim_jobs.replace("%(queues)s", "$1")
+        .replace("%(limit)s", "$2")
+        .replace("%(worker_id)s", "$3")
+        .replace("%(fetch_limit)s", "$4")
+    )
     with connect(dsn) as conn:
         conn.execute(render("ANALYZE {jobs}", schema))
         plans = {"claim": _plan(conn, "EXPLAIN " + q.claim_jobs, CLAIM_PARAMS)}
         plans["finish"] = _plan(conn, "EXPLAIN " + q.finish_jobs, finish)
         try:
-            conn.execute("PREPARE bench_claim(text[], int, text) AS " + generic)
+            conn.execute("PREPARE bench_claim(text[], int, text, int) AS " + generic)
             conn.execute("SET plan_cache_mode = force_generic_plan")
         except psycopg.Error as exc:
             plans["claim_generic"] = f"error: {exc}"
         else:
-            plans["claim_generic"] = _plan(conn, "EXPLAIN EXECUTE bench_claim('{default}', 16, 'bench-explain')")
+            plans["claim_generic"] = _plan(
+                conn, "EXPLAIN EXECUTE bench_claim('{default}', 16, 'bench-explain', 2000000)"
+            )
     return plans
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import codec, embedded, migrate
-from .buffer import BufferProducer
+from .buffer import BufferProducer, buffer_key
 from .connections import Connections
 from .dsn import configured_dsn
 from .exceptions import ConfigurationError
@@ -53,18 +54,17 @@ class TaskPG:
         schema: str | None = None,
         default_queue: str = "default",
         pool_size: int = 10,
-        max_payload_bytes: int = codec.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_payload_bytes: int | None = None,
         auto_migrate: bool | None = None,
         data_dir: str | Path | None = None,
         redis_url: str | None = None,
         default_via: str = "db",
         notify_debounce: float | None = None,
+        buffer_lists: Sequence[str] | None = None,
     ) -> None:
         self.schema = validate_schema_name(schema or os.environ.get("TASKPG_SCHEMA") or DEFAULT_SCHEMA)
         self.default_queue = validate_queue_name(default_queue, "default_queue")
-        if max_payload_bytes <= 0:
-            raise ConfigurationError("max_payload_bytes must be positive")
-        self.max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = _payload_limit(max_payload_bytes)
         self.pool_size = pool_size
         self.auto_migrate = auto_migrate
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -77,6 +77,7 @@ class TaskPG:
         self.notify_debounce = _debounce(notify_debounce)
         self._notifier: Notifier | None = None
         self._buffer: BufferProducer | None = None
+        self._buffer_lists = _list_names(buffer_lists, os.environ.get("TASKPG_BUFFER_LISTS"))
         self.tasks = TaskRegistry()
         self._periodic: list[Schedule] = []
         self.queues: dict[str, QueueOptions] = {}
@@ -124,6 +125,11 @@ class TaskPG:
             self.redis_url = redis_url
 
     @property
+    def buffer_lists(self) -> tuple[str, ...]:
+        """The Redis lists of the buffer: producers push to the first, flushers read them all."""
+        return self._buffer_lists or (buffer_key(self.schema),)
+
+    @property
     def buffer(self) -> BufferProducer:
         """The Redis buffer producer (needs ``redis_url``)."""
         if self._buffer is None:
@@ -132,7 +138,7 @@ class TaskPG:
             store = self.store
             with self._lock:
                 if self._buffer is None:
-                    self._buffer = BufferProducer(store, self.redis_url)
+                    self._buffer = BufferProducer(store, self.redis_url, self.buffer_lists)
         return self._buffer
 
     @property
@@ -285,3 +291,37 @@ def _debounce(value: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60:
         raise ConfigurationError(f"notify_debounce={value!r}: expected a number of seconds from 0 to 60, or None")
     return float(value)
+
+
+def _payload_limit(given: int | None) -> int:
+    """``max_payload_bytes``: as given, else ``TASKPG_MAX_PAYLOAD_BYTES``, else 1,000,000."""
+    text = os.environ.get("TASKPG_MAX_PAYLOAD_BYTES")
+    if given is None and text:
+        try:
+            given = int(text)
+        except ValueError:
+            raise ConfigurationError(f"TASKPG_MAX_PAYLOAD_BYTES={text!r} is not a whole number of bytes") from None
+    limit = codec.DEFAULT_MAX_PAYLOAD_BYTES if given is None else given
+    if isinstance(limit, bool) or not 0 < limit <= codec.MAX_PAYLOAD_BYTES:
+        raise ConfigurationError(
+            f"max_payload_bytes={limit!r}: must be from 1 to {codec.MAX_PAYLOAD_BYTES:,} (the most a jsonb value holds)"
+        )
+    return limit
+
+
+_LIST_NAME = re.compile(r"[!-~]{1,512}")  # printable ASCII, no spaces: a Redis key a shell can type
+
+
+def _list_names(given: Sequence[str] | None, from_env: str | None) -> tuple[str, ...]:
+    """``buffer_lists``: as given, else ``TASKPG_BUFFER_LISTS`` (comma-separated); () for the default."""
+    names = tuple(given) if given is not None else tuple(n.strip() for n in (from_env or "").split(",") if n.strip())
+    if given is not None and not names:
+        raise ConfigurationError("buffer_lists=[]: name at least one Redis list, or leave it out for the default")
+    for name in names:
+        if not isinstance(name, str) or not _LIST_NAME.fullmatch(name):
+            raise ConfigurationError(f"buffer list {name!r}: use 1-512 printable ASCII characters without spaces")
+        if name.startswith("taskpg:") and not name.endswith(":buffer"):
+            raise ConfigurationError(f"buffer list {name!r}: names under taskpg: are taskpg's own keys")
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"buffer_lists={list(names)!r}: a list is named twice")
+    return names

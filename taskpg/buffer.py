@@ -16,7 +16,7 @@ from .connections import redis_client, redis_errors
 from .enqueue import insert_job, insert_staged
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from .guards import Guard
     from .job import NewJob
@@ -41,16 +41,18 @@ return ARGV[3]
 
 
 def buffer_key(schema: str) -> str:
-    """The Redis list that holds envelopes waiting for the flusher."""
+    """The default Redis list that holds envelopes waiting for the flusher."""
     return f"taskpg:{schema}:buffer"
 
 
 class BufferProducer:
-    """Pushes jobs onto the buffer list, falling back to a direct insert when Redis is down."""
+    """Pushes jobs onto the buffer's first list, falling back to a direct insert when Redis is down."""
 
-    def __init__(self, store: Store, url: str) -> None:
+    def __init__(self, store: Store, url: str, lists: Sequence[str] = ()) -> None:
         self.store = store
-        self.key = buffer_key(store.schema)
+        self.lists = tuple(lists) or (buffer_key(store.schema),)
+        self.key = self.lists[0]  # where this producer pushes
+        self.unique_prefix = f"{buffer_key(store.schema)}:unique:"
         self.client = redis_client(url)
         self._push_unique = self.client.register_script(_PUSH_UNIQUE)
         self.fallbacks = 0  # jobs written straight to Postgres because Redis failed, since start
@@ -70,7 +72,7 @@ class BufferProducer:
             else:
                 ttl = int(unique_for or BUFFER_UNIQUE_TTL)
                 pushed = self._push_unique(
-                    keys=[self.key, f"{self.key}:unique:{unique_key}"], args=[envelope.encode(job), ttl, job.id]
+                    keys=[self.key, self.unique_prefix + unique_key], args=[envelope.encode(job), ttl, job.id]
                 )
                 holder = pushed.decode() if isinstance(pushed, bytes) else str(pushed)
         except redis_errors() as exc:
@@ -115,13 +117,21 @@ class BufferProducer:
             )
 
     def depth(self) -> tuple[int, str | None]:
-        """How many envelopes wait, and when the oldest was pushed (its ``enqueued_at``)."""
-        length = int(self.client.llen(self.key))
-        oldest = self.client.lindex(self.key, 0) if length else None
-        enqueued_at = None
-        if oldest is not None:
-            try:
-                enqueued_at = codec.loads(oldest).get("enqueued_at")
-            except Exception:
-                enqueued_at = None
-        return length, enqueued_at
+        """How many envelopes wait in the buffer's lists, and when the oldest of their first envelopes
+        was pushed (its ``enqueued_at``; envelopes of other producers may carry none)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in self.lists:
+                pipe.llen(key)
+                pipe.lindex(key, 0)
+            replies = pipe.execute()
+        lengths, heads = replies[0::2], replies[1::2]
+        stamps = [_enqueued_at(head) for head in heads if head is not None]
+        return sum(int(n) for n in lengths), min((s for s in stamps if s), default=None)
+
+
+def _enqueued_at(raw: bytes) -> str | None:
+    try:
+        value = codec.loads(raw).get("enqueued_at")
+    except Exception:
+        return None
+    return value if isinstance(value, str) else None

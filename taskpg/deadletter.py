@@ -61,7 +61,7 @@ def route_dead_letter(store: Store, job_id: str, tasks: Mapping[str, Task[Any, A
             "kwargs": job.kwargs,
             "errors": job.errors,
         }
-        args_json, kwargs_json = codec.encode_arguments(handler.name, (), {"job": dead_job}, 2**31)
+        args_json, kwargs_json = codec.encode_arguments(handler.name, (), {"job": dead_job}, codec.MAX_PAYLOAD_BYTES)
         options = handler.options
         new = NewJob(
             new_id, handler.name, options.queue, args_json, kwargs_json, options.priority, options.max_attempts

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import codec
 from .exceptions import ConfigurationError
 from .job import NewJob, new_job_id
-from .options import TaskOptions, validate_priority, validate_queue_name, validate_task_name
+from .options import TaskOptions, validate_key, validate_priority, validate_queue_name, validate_task_name
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -54,6 +54,12 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 #: Envelopes whose text starts so bring their own id (taskpg's own do): no default id is made for them.
 OWN_ID_PREFIX = b'{"id":"'
 
+#: Bytes an envelope may take beyond ``max_payload_bytes`` for its other fields (its arguments are held
+#: to the limit itself, as in a direct enqueue); a larger envelope is not parsed.
+ENVELOPE_ROOM = 64 * 1024
+#: How much of an envelope too large to keep whole its dead job keeps (characters, or bytes unparsed).
+SAMPLE_BYTES = 4096
+_KEPT_SAMPLE = f"args hold its first {SAMPLE_BYTES} characters"
 _COUNTDOWN_RANGE = f"'countdown' must be between 0 and {MAX_COUNTDOWN:g} seconds"
 _MAX_ATTEMPTS_RANGE = "'max_attempts' must be an integer from 1 to 2147483647"
 
@@ -113,9 +119,11 @@ def decode(
     envelope's place in its batch, so that writing the same batch twice yields the same ids.
     """
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        shown = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
-        return _rejected(shown, f"envelope takes {size} bytes, over the limit of {max_bytes}", make_id)
+    if size > max_bytes + ENVELOPE_ROOM:  # not even parsed: its arguments cannot be within the limit
+        head = raw[:SAMPLE_BYTES]
+        sample = head.decode("utf-8", "backslashreplace") if isinstance(head, bytes) else head
+        reason = f"envelope takes {size} bytes, over the limit of {max_bytes} for its arguments; {_KEPT_SAMPLE}"
+        return _rejected(sample, reason, make_id)
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8")
@@ -136,12 +144,16 @@ def decode(
     if not isinstance(name, str):
         return _rejected(text, "envelope has no task name ('task' or 'kind')", make_id)
     try:
-        return _job(data, name, tasks, make_id)
+        return _job(data, name, tasks, max_bytes, make_id)
     except Exception as exc:  # any other bad value: a dead job with the reason, never a stuck batch
+        if size > max_bytes:  # too large to keep whole (its arguments are over the limit, say)
+            return _rejected(text[:SAMPLE_BYTES], f"envelope is invalid: {exc}; {_KEPT_SAMPLE}", make_id, data)
         return _rejected(text, f"envelope is invalid: {exc}", make_id, data)
 
 
-def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Declared], make_id: Callable[[], str]) -> NewJob:
+def _job(
+    data: dict[str, Any], name: str, tasks: Mapping[str, Declared], max_bytes: int, make_id: Callable[[], str]
+) -> NewJob:
     # A task this app does not declare is not the flusher's to judge (another app on the schema, a
     # partial import, an older release mid-deploy): it becomes an ordinary job with the envelope's
     # values, or the defaults, and the worker that claims it decides, as for a direct enqueue.
@@ -169,7 +181,7 @@ def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Declared], make_id
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 2**31 - 1:
         raise ValueError(_MAX_ATTEMPTS_RANGE)
     priority = data.get("priority")
-    args_json, kwargs_json = codec.encode_arguments(name, args, kwargs, 2**31)
+    args_json, kwargs_json = codec.encode_arguments(name, args, kwargs, max_bytes)  # the limit of a direct enqueue
     return NewJob(
         id=job_id,
         task=name,
@@ -180,8 +192,17 @@ def _job(data: dict[str, Any], name: str, tasks: Mapping[str, Declared], make_id
         max_attempts=max_attempts,
         eta=eta,
         countdown=countdown,
-        unique_key=_optional_text(data.get("unique_key"), "unique_key"),
+        unique_key=_unique_key(data.get("unique_key")),
     )
+
+
+def refused(raw: bytes, job: NewJob, reason: str, max_bytes: int) -> Rejected:
+    """The dead job of an envelope that decoded but that Postgres refused: its id, task and queue, and
+    its raw text as its argument (the first SAMPLE_BYTES characters if it is too large to keep whole)."""
+    text = raw.decode("utf-8", "backslashreplace")
+    if len(raw) > max_bytes:
+        text, reason = text[:SAMPLE_BYTES], f"{reason}; {_KEPT_SAMPLE}"
+    return _rejected(text, reason, lambda: job.id, {"task": job.task, "queue": job.queue})
 
 
 def _parse_time(value: Any) -> dt.datetime:
@@ -197,10 +218,12 @@ def _job_id(value: Any) -> str:
     return str(uuid.UUID(str(value)))
 
 
-def _optional_text(value: Any, name: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(f"{name!r} must be a string")
+def _unique_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("'unique_key' must be a string")
+    return validate_key(value, "'unique_key'")
 
 
 def _rejected(raw: str, reason: str, make_id: Callable[[], str], data: dict[str, Any] | None = None) -> Rejected:

@@ -65,6 +65,11 @@ class Executor:
         """An outcome that sends the job to the dead state with a reason that says why."""
         return Outcome(job, JobState.DEAD, error=failures.record(error_type, message, job.attempt, self.worker_id))
 
+    def too_large(self, job: ClaimedJob, size: int, measured: str) -> Outcome:
+        """Dead: the arguments are over this worker's limit (raise it, then ``taskpg dead retry``)."""
+        message = f"arguments take {size} bytes ({measured}), over the limit of {self.max_payload_bytes}"
+        return self.dead(job, "PayloadTooLarge", message)
+
     def failed(self, job: ClaimedJob, error_type: str, message: str) -> Outcome:
         """An attempt that could not finish (the worker stopped): retried while attempts remain."""
         state = JobState.DEAD if job.attempt >= job.max_attempts else JobState.AVAILABLE
@@ -93,6 +98,8 @@ class Executor:
         task = self._task(job)
         if isinstance(task, Outcome):
             return task
+        if job.oversize:
+            return self.too_large(job, job.oversize, "as stored in Postgres; not fetched")
         try:
             args, kwargs = codec.loads(job.args), codec.loads(job.kwargs)
         except Exception as exc:
@@ -100,9 +107,7 @@ class Executor:
         if len(job.args) + len(job.kwargs) > self.max_payload_bytes:  # Postgres' text adds spaces: measure
             size = len(codec.dumps(args).encode()) + len(codec.dumps(kwargs).encode())  # as enqueue did
             if size > self.max_payload_bytes:
-                return self.dead(
-                    job, "PayloadTooLarge", f"arguments take {size} bytes, over the limit of {self.max_payload_bytes}"
-                )
+                return self.too_large(job, size, "as JSON")
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             return self.dead(job, "PayloadDecodeError", "args must be a JSON list and kwargs a JSON object")
         problem = self._signature_mismatch(task, args, kwargs)

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import envelope
-from .buffer import buffer_key
-from .connections import needs_reconnect, reconnecting, redis_client, redis_errors
+from .connections import needs_reconnect, reconnecting, redis_client, redis_errors, refuses_value
 from .enqueue import insert_staged
 from .exceptions import DatabaseUnavailable
 from .job import NewJob
@@ -125,7 +124,8 @@ class Flusher(BackgroundLoop):
         self.id = str(uuid.uuid4())
         self.redis = redis_client(app.redis_url)
         prefix = f"taskpg:{app.schema}"
-        self.buffer = buffer_key(app.schema)
+        self.lists = app.buffer_lists  # the buffer's lists, flushed in turn
+        self._turn = 0
         self.holding = False  # this flusher holds the buffer's lock
         self._recovered = False
         self._last = 0.0
@@ -178,12 +178,7 @@ class Flusher(BackgroundLoop):
         written again first, under the same key, so its envelopes get the same ids again.
         """
         leftovers = [key for key in self._processing_lists() if key.startswith(self.own_prefix)]
-        if leftovers:
-            batch = self._read(leftovers[0])
-        else:
-            key = f"{self.own_prefix}{uuid.uuid4()}"
-            count, blob = self._move(keys=[self.buffer, key, self.registry], args=[self.batch_size, SEPARATOR])
-            batch = Batch(key, int(count), bytes(blob))
+        batch = self._read(leftovers[0]) if leftovers else self._next_batch()
         if not batch.count:
             return 0
         self.on_step("moved")
@@ -193,6 +188,17 @@ class Flusher(BackgroundLoop):
         self.redis.srem(self.registry, batch.key)
         self.flushed += batch.count
         return batch.count
+
+    def _next_batch(self) -> Batch:
+        """Move a batch from the next of the buffer's lists that has envelopes (each list in turn)."""
+        for _ in self.lists:
+            source = self.lists[self._turn % len(self.lists)]
+            self._turn += 1
+            key = f"{self.own_prefix}{uuid.uuid4()}"
+            count, blob = self._move(keys=[source, key, self.registry], args=[self.batch_size, SEPARATOR])
+            if int(count):
+                return Batch(key, int(count), bytes(blob))
+        return Batch("", 0, b"")
 
     def drain(self, timeout: float = 60.0) -> int:
         """Flush until the buffer is empty (what ``taskpg flush`` does); returns the count."""
@@ -246,7 +252,36 @@ class Flusher(BackgroundLoop):
                 logger.warning("envelope rejected (stored as dead job %s): %s", decoded.job.id, decoded.reason)
             else:
                 jobs.append(decoded)
-        insert_staged(self.store, _Announced(jobs, self.on_step), dead)
+        try:
+            insert_staged(self.store, _Announced(jobs, self.on_step), dead)
+        except Exception as exc:
+            if not refuses_value(exc):
+                raise
+            logger.warning("Postgres refused a batch of %d envelope(s) (%s): isolating the bad one(s)", len(jobs), exc)
+            self._isolate(list(zip(jobs, items, strict=True)), dead, exc)
+
+    def _isolate(self, pairs: list[tuple[NewJob, bytes]], dead: dict[str, str], refusal: Exception) -> None:
+        """Write a batch Postgres refused by halves, each in its own transaction, until the envelope
+        it refuses stands alone: that one is stored dead with its raw text and Postgres' reason.
+
+        A half that fails is split again (about log2 of the batch size rounds for one bad envelope);
+        halves already written are skipped by id if the batch is written again after a crash.
+        """
+        if len(pairs) == 1:
+            job, raw = pairs[0]
+            rejected = envelope.refused(raw, job, f"Postgres refused it: {refusal}".strip(), self.max_payload_bytes)
+            insert_staged(self.store, [rejected.job], {rejected.job.id: rejected.reason})
+            logger.warning("envelope rejected (stored as dead job %s): %s", job.id, rejected.reason)
+            return
+        middle = len(pairs) // 2
+        for half in (pairs[:middle], pairs[middle:]):
+            try:
+                insert_staged(self.store, [job for job, _ in half], dead)
+            except Exception as exc:
+                if not refuses_value(exc):
+                    raise
+                self._isolate(half, dead, exc)
+            self.renew()
 
     # -- the background loop -------------------------------------------------------------------------
 
@@ -264,13 +299,19 @@ class Flusher(BackgroundLoop):
             self._recovered = True
         if self.holding:
             due = time.monotonic() - self._last >= self.interval
-            if due or self.redis.llen(self.buffer) >= self.batch_size:
+            if due or self._full_batch_waits():
                 while self.flush_once() >= self.batch_size and not self.stopping:
                     pass
                 self._last = time.monotonic()
                 self.signals.emit("flushed")
             self.holding = self.renew()
         return LOOK_EVERY
+
+    def _full_batch_waits(self) -> bool:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in self.lists:
+                pipe.llen(key)
+            return any(int(n) >= self.batch_size for n in pipe.execute())
 
     def on_stop(self) -> None:
         if self.holding:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec
 from .exceptions import ConfigurationError
+from .options import validate_key
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -135,7 +136,8 @@ def unique_key_for(
     if option is True:
         digest = hashlib.sha256(codec.dumps([list(args), dict(sorted(kwargs.items()))]).encode()).hexdigest()
         return f"{task}:{digest[:32]}"
-    return f"{task}:{render_key(option, task, fn, options.bind, args, kwargs, 'unique_key')}"
+    key = f"{task}:{render_key(option, task, fn, options.bind, args, kwargs, 'unique_key')}"
+    return validate_key(key, f"task {task!r}: unique_key")
 
 
 def plan(
@@ -147,6 +149,7 @@ def plan(
     throttle = None
     if options.throttle_key is not None and options.throttle is not None:
         key = render_key(options.throttle_key, job.task, fn, options.bind, args, kwargs, "throttle_key")
+        validate_key(key, f"task {job.task!r}: throttle_key")
         throttle = Throttle(key, options.throttle, options.throttle_mode == "defer")
     if unique is not None and options.unique_for is None:
         job = dataclasses.replace(job, unique_key=unique)

@@ -138,6 +138,9 @@ class ClaimedJob:
     #: It was rescued from a worker that died before: its start is recorded before it runs, and it runs in
     #: a child process where the pool has them, so that if it kills its process it takes no other job along.
     suspect: bool = False
+    #: The size of its arguments' text in Postgres when the claim left them out as far over the limit
+    #: (``args`` and ``kwargs`` are then empty); 0 when they were fetched.
+    oversize: int = 0
 
 
 @dataclass(frozen=True)

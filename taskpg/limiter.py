@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .connections import redis_client
 from .guards import render_key
+from .options import validate_key
 from .store import RateSlot
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ class RateLimiter:
                 key += ":" + render_key(
                     options.rate_limit_key, task.name, task.fn, options.bind, args, kwargs, "rate_limit_key"
                 )
-            limits.append((key, options.rate_limit))
+            limits.append((validate_key(key, f"task {task.name!r}: rate_limit_key"), options.rate_limit))
         queue_options = self.queues.get(queue)
         if queue_options is not None and queue_options.rate_limit is not None:
             limits.append((f"queue:{queue}", queue_options.rate_limit))

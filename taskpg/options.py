@@ -37,6 +37,27 @@ def validate_task_name(name: Any) -> str:
     return name
 
 
+#: The most UTF-8 bytes a unique, throttle or rate-limit key may take as stored (``<task>:<key>`` for
+#: unique and rate-limit keys): keys are indexed, and Postgres refuses an index entry over ~2.7 kB.
+MAX_KEY_BYTES = 1024
+
+
+def validate_key(key: str, option: str) -> str:
+    """A rendered key Postgres can store and index: no NUL, UTF-8, at most MAX_KEY_BYTES."""
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{option}: the key holds a lone surrogate, which is not UTF-8") from None
+    if "\x00" in key:
+        raise ConfigurationError(f"{option}: the key holds a NUL character, which Postgres cannot store")
+    if size > MAX_KEY_BYTES:
+        raise ConfigurationError(
+            f"{option}: the key takes {size} bytes, over the limit of {MAX_KEY_BYTES}; "
+            "hash long values (a callable key, or unique_key=True)"
+        )
+    return key
+
+
 def validate_priority(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not -32768 <= value <= 32767:
         raise ConfigurationError(f"priority={value!r}: expected an integer from -32768 to 32767 (higher runs first)")

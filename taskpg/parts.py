@@ -27,6 +27,9 @@ class AppParts(Protocol):
     max_payload_bytes: int
 
     @property
+    def buffer_lists(self) -> tuple[str, ...]: ...
+
+    @property
     def store(self) -> Store: ...
 
     def schedules(self) -> list[Schedule]: ...

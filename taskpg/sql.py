@@ -214,14 +214,25 @@ WITH candidates AS (
                   FOR UPDATE SKIP LOCKED) AS c
 ), picked AS (
     SELECT id FROM candidates ORDER BY priority DESC, run_at, id LIMIT %(limit)s
+), claimed AS (
+    UPDATE {jobs} AS j
+    SET state = 'running', attempt = j.attempt + 1, started_at = now(), lease = gen_random_uuid(),
+        worker_id = %(worker_id)s
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.task, j.queue, j.priority, j.run_at, j.args, j.kwargs, j.attempt, j.max_attempts,
+              j.snoozes, j.lease, j.rate_slot, j.rescues
 )
-UPDATE {jobs} AS j
-SET state = 'running', attempt = j.attempt + 1, started_at = now(), lease = gen_random_uuid(),
-    worker_id = %(worker_id)s
-FROM picked WHERE j.id = picked.id
-RETURNING j.id::text, j.task, j.queue, j.priority, j.run_at, j.args::text, j.kwargs::text,
-          j.attempt, j.max_attempts, j.snoozes, j.lease::text,
-          EXTRACT(EPOCH FROM j.rate_slot)::float8, j.rescues > 0
+-- Arguments whose text takes more bytes than fetch_limit are not sent (the worker would hold them in
+-- memory only to refuse them): an empty list and object come instead, with their size. OFFSET 0 keeps
+-- the planner from rendering each text twice.
+SELECT c.id::text, c.task, c.queue, c.priority, c.run_at,
+       CASE WHEN t.size > %(fetch_limit)s THEN '[]' ELSE t.args END,
+       CASE WHEN t.size > %(fetch_limit)s THEN '{{}}' ELSE t.kwargs END,
+       c.attempt, c.max_attempts, c.snoozes, c.lease::text, EXTRACT(EPOCH FROM c.rate_slot)::float8, c.rescues > 0,
+       CASE WHEN t.size > %(fetch_limit)s THEN t.size ELSE 0 END
+FROM claimed AS c,
+     LATERAL (SELECT args, kwargs, octet_length(args) + octet_length(kwargs) AS size
+              FROM (SELECT c.args::text AS args, c.kwargs::text AS kwargs OFFSET 0) AS text) AS t
 """
 
 # Write back a batch of outcomes in one statement. Each outcome row says the new state, a delay

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: The claim leaves out arguments whose text in Postgres takes more than this many times the limit.
+#: Postgres' text adds a space after each ``,`` and ``:``, so the exact check (on compact JSON, as at
+#: enqueue) is the worker's, on what it fetched; this margin only keeps it from fetching what is far over.
+FETCH_MARGIN = 2
+
 #: Finished ids per done-channel notification: 200 UUIDs stay under NOTIFY's 8000-byte payload limit.
 ANNOUNCE_CHUNK = 200
 #: Rows per ``Copy.write``: big enough to make the call cheap, small enough to overlap with Postgres.
@@ -413,11 +418,18 @@ class Store:
 
     # -- claim and finish ------------------------------------------------------------------------
 
-    def claim(self, queues: Sequence[str], limit: int, worker_id: str) -> list[ClaimedJob]:
-        rows = self._all(self.q.claim_jobs, {"queues": list(queues), "limit": limit, "worker_id": worker_id})
-        return [ClaimedJob(*row) for row in rows]
+    def claim(
+        self, queues: Sequence[str], limit: int, worker_id: str, max_bytes: int = codec.MAX_PAYLOAD_BYTES
+    ) -> list[ClaimedJob]:
+        """Claim up to ``limit`` jobs. Arguments whose text in Postgres takes more than
+        ``max_bytes * FETCH_MARGIN`` bytes are not fetched: the job comes with ``oversize`` set."""
+        fetch_limit = max_bytes * FETCH_MARGIN
+        params = {"queues": list(queues), "limit": limit, "worker_id": worker_id, "fetch_limit": fetch_limit}
+        return [ClaimedJob(*row) for row in self._all(self.q.claim_jobs, params)]
 
-    def claim_capped(self, queue: str, cap: int, limit: int, worker_id: str) -> CappedClaim:
+    def claim_capped(
+        self, queue: str, cap: int, limit: int, worker_id: str, max_bytes: int = codec.MAX_PAYLOAD_BYTES
+    ) -> CappedClaim:
         """Claim from a queue with a global concurrency cap: under the queue's advisory lock, count
         its running jobs and claim only what the cap leaves."""
 
@@ -429,7 +441,7 @@ class Store:
                 room = cap - int(row[0] if row else 0)
                 if room <= 0:
                     return CappedClaim([], True)
-                return CappedClaim(s.claim([queue], min(limit, room), worker_id), room <= limit)
+                return CappedClaim(s.claim([queue], min(limit, room), worker_id, max_bytes), room <= limit)
 
         return self.run(work)
 

@@ -332,12 +332,13 @@ class Worker:
         store = self.store.on(self._claims.conn)
         capped = [self.queues[q] for q in self.settings.queues if self._capped(q)]
         free = [q for q in self.settings.queues if not self._capped(q)]
-        jobs = store.claim(free, limit, self.id) if free else []
+        max_bytes = self.executor.max_payload_bytes
+        jobs = store.claim(free, limit, self.id, max_bytes) if free else []
         self._at_cap = False
         for queue in capped:
             if len(jobs) < limit:
                 assert queue.concurrency is not None
-                claimed = store.claim_capped(queue.name, queue.concurrency, limit - len(jobs), self.id)
+                claimed = store.claim_capped(queue.name, queue.concurrency, limit - len(jobs), self.id, max_bytes)
                 jobs += claimed.jobs
                 self._at_cap = self._at_cap or claimed.at_cap
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))  # RETURNING keeps no order

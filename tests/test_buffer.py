@@ -321,6 +321,160 @@ def test_hostile_envelopes_go_dead_alone_and_the_batch_lands(
     assert {task for state, task, *_ in rows if state == "dead"} <= {"text", "taskpg.undecodable_envelope"}
 
 
+def test_a_batch_postgres_refuses_goes_in_by_halves_and_only_the_refused_envelope_goes_dead(
+    buffered_app: TaskPG, db: psycopg.Connection
+) -> None:
+    """A value taskpg's checks let through but Postgres refuses (here a CHECK constraint of the user's):
+    the batch is split until that envelope stands alone; it goes dead with its raw text, the rest land."""
+
+    @buffered_app.task(name="word")
+    def word(value: str) -> None:
+        return None
+
+    schema = buffered_app.schema
+    db.execute(f"""ALTER TABLE "{schema}".jobs ADD CONSTRAINT no_poison CHECK (NOT args @> '["poison"]')""")
+    values = [f"w{n}" for n in range(1000)]
+    values[613] = "poison"
+    ids = word.delay_many(((v,) for v in values), via="buffer")
+    pushed = redis.Redis.from_url(buffered_app.redis_url or "").lindex(buffer_key(schema), 613)
+    assert Flusher(buffered_app, batch_size=1000).drain() == 1000
+    states = dict(db.execute(f'SELECT state, count(*) FROM "{schema}".jobs GROUP BY 1').fetchall())
+    assert states == {"available": 999, "dead": 1}
+    row = db.execute(f'SELECT id::text, task, args, errors FROM "{schema}".jobs WHERE state = %s', ("dead",)).fetchone()
+    assert row is not None
+    job_id, task, args, errors = row
+    assert (job_id, task) == (ids[613], "word")  # its own id and task: the handle finds it
+    assert args == [pushed.decode()]  # the envelope's raw text, kept
+    assert errors[-1]["type"] == "EnvelopeRejected" and "no_poison" in errors[-1]["message"]
+    assert buffered_app.buffer.depth()[0] == 0
+
+
+def test_keys_postgres_cannot_index_are_refused_at_enqueue_and_at_flush(
+    buffered_app: TaskPG, db: psycopg.Connection
+) -> None:
+    from taskpg import ConfigurationError
+
+    @buffered_app.task(name="page", unique_key="{url}")
+    def page(url: str) -> None:
+        return None
+
+    long_url = "https://example.com/" + "a" * 3000  # over Postgres' index-row limit as a key
+    for call in (lambda: page.delay(long_url), lambda: page.apply_async(args=(long_url,), via="buffer")):
+        with pytest.raises(ConfigurationError, match="over the limit of 1024"):
+            call()
+
+    @buffered_app.task(name="odd_key", unique_key=lambda url: "\x00" + url)
+    def odd_key(url: str) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="NUL"):
+        odd_key.apply_async(args=("a",), via="buffer")
+    foreign = [
+        json.dumps({"task": "page", "args": ["x"], "unique_key": "page:" + "k" * 3000}),
+        json.dumps({"task": "page", "args": ["y"], "unique_key": "page:a\u0000b"}),
+        json.dumps({"task": "page", "args": ["z"], "unique_key": "page:z"}),
+    ]
+    buffered_app.buffer.client.rpush(buffer_key(buffered_app.schema), *foreign)
+    assert Flusher(buffered_app).drain() == 3
+    rows = db.execute(f'SELECT state, errors FROM "{buffered_app.schema}".jobs ORDER BY created_at, id').fetchall()
+    reasons = sorted(errors[-1]["message"] for state, errors in rows if state == "dead")
+    assert [state for state, _ in rows].count("available") == 1
+    assert len(reasons) == 2
+    assert "over the limit of 1024" in reasons[0] + reasons[1] and "NUL" in reasons[0] + reasons[1]
+
+
+def test_one_size_limit_at_every_entry(
+    pg_dsn: str, migrated_schema: str, redis_url: str, db: psycopg.Connection
+) -> None:
+    """max_payload_bytes holds the arguments on every path, the flush included; an envelope far over it is
+    kept as a sample with its size, not whole."""
+    from taskpg import SerializationError
+
+    app = TaskPG(pg_dsn, schema=migrated_schema, redis_url=redis_url, max_payload_bytes=1000)
+
+    @app.task(name="note")
+    def note(text: str) -> None:
+        return None
+
+    with psycopg.connect(pg_dsn) as conn:
+        calls = [
+            lambda: note.delay("x" * 1000),
+            lambda: note.delay_many([("x" * 1000,)]),
+            lambda: note.apply_async(args=("x" * 1000,), via="buffer"),
+            lambda: note.delay_many([("x" * 1000,)], via="buffer"),
+            lambda: note.apply_async(args=("x" * 1000,), connection=conn),
+        ]
+        for call in calls:
+            with pytest.raises(SerializationError, match="over the limit of 1000"):
+                call()
+    at_limit = note.apply_async(args=("x" * 994,), via="buffer")  # ["x..."] is 998 bytes: the envelope is larger
+    client = app.buffer.client
+    client.rpush(app.buffer.key, json.dumps({"task": "note", "args": ["y" * 5000]}))  # over, parsed
+    client.rpush(app.buffer.key, json.dumps({"task": "note", "args": ["z" * 200_000]}))  # far over: not parsed
+    assert Flusher(app).drain() == 3
+    rows = db.execute(f'SELECT id::text, state, args, errors FROM "{migrated_schema}".jobs ORDER BY created_at, id')
+    by_state: dict[str, list[Any]] = {}
+    for job_id, state, args, errors in rows.fetchall():
+        by_state.setdefault(state, []).append((job_id, args, errors[-1]["message"] if errors else None))
+    assert [job_id for job_id, *_ in by_state["available"]] == [at_limit.id]
+    dead = {("y" if "yyy" in args[0] else "z"): (len(args[0]), message) for _, args, message in by_state["dead"]}
+    y_size, y_reason = dead["y"]
+    assert "arguments take 5006 bytes as JSON, over the limit of 1000" in y_reason
+    assert "first 4096 characters" in y_reason and y_size == 4096
+    z_size, z_reason = dead["z"]
+    assert "envelope takes 200030 bytes" in z_reason and z_size == 4096
+    app.close()
+
+
+def test_buffer_lists_are_configurable_and_several_are_flushed(
+    pg_dsn: str, migrated_schema: str, redis_url: str, db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seeds' producers push to a list of their own (queue:batch:processor); taskpg reads it, and more."""
+    seeds_list, second = "queue:batch:processor", f"taskpg:{migrated_schema}:buffer"
+    monkeypatch.setenv("TASKPG_BUFFER_LISTS", f"{seeds_list}, {second}")
+    app = TaskPG(pg_dsn, schema=migrated_schema, redis_url=redis_url)
+    assert app.buffer_lists == (seeds_list, second)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(seeds_list)
+    try:
+
+        @app.task(name="process")
+        def process(item: int) -> None:
+            return None
+
+        mine = process.apply_async(args=(1,), via="buffer")  # producers push to the first list
+        assert client.llen(seeds_list) == 1
+        client.rpush(seeds_list, *[json.dumps({"kind": "process", "payload": {"item": n}}) for n in range(2, 5)])
+        client.rpush(second, json.dumps({"task": "process", "args": [5]}))
+        assert app.buffer.depth()[0] == 5
+        flusher = Flusher(app, batch_size=2)
+        assert flusher.drain() == 5
+        rows = db.execute(f'SELECT args, kwargs FROM "{migrated_schema}".jobs').fetchall()
+        items = sorted([*args, *kwargs.values()][0] for args, kwargs in rows)
+        assert items == [1, 2, 3, 4, 5]
+        assert app.AsyncResult(mine.id).status == "PENDING" and app.AsyncResult(mine.id).info() is not None
+        assert client.llen(seeds_list) == client.llen(second) == 0
+    finally:
+        client.delete(seeds_list)
+        app.close()
+
+
+@pytest.mark.parametrize(
+    ("lists", "message"),
+    [
+        ([], "name at least one"),
+        (["has space"], "printable ASCII"),
+        (["a", "a"], "named twice"),
+        (["taskpg:x:processing"], "taskpg's own keys"),
+    ],
+)
+def test_bad_buffer_list_names_are_refused(lists: list[str], message: str) -> None:
+    from taskpg import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        TaskPG("postgresql://unused", buffer_lists=lists)
+
+
 def test_odd_envelopes_never_block_the_flusher(buffered_app: TaskPG, redis_url: str, db: psycopg.Connection) -> None:
     @buffered_app.task(name="known")
     def known(a: int = 0) -> None:

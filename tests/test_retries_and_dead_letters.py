@@ -197,6 +197,40 @@ def test_bad_jobs_go_dead_with_a_reason_and_the_worker_keeps_going(
     app.close()
 
 
+def test_a_worker_does_not_fetch_arguments_far_over_its_limit(
+    pg_dsn: str, migrated_schema: str, run_worker: Any, db: psycopg.Connection
+) -> None:
+    big = TaskPG(pg_dsn, schema=migrated_schema, max_payload_bytes=20_000_000)  # a producer with a higher limit
+    app = TaskPG(pg_dsn, schema=migrated_schema, max_payload_bytes=1_000_000)
+
+    @big.task(name="reports.build")
+    def build_big(blob: str) -> int:
+        return len(blob)
+
+    @app.task(name="reports.build")
+    def build(blob: str) -> int:
+        return len(blob)
+
+    blob = "".join(chr(0x41 + n % 26) for n in range(3_000_000))
+    over = build_big.delay(blob)
+    under = build_big.delay("x" * 900_000)
+    claimed = {job.id: job for job in app.store.claim(["default"], 10, "w-size", app.max_payload_bytes)}
+    assert (claimed[over.id].args, claimed[over.id].kwargs) == ("[]", "{}")  # never sent to the worker
+    assert claimed[over.id].oversize == 3_000_006  # its text: args ["..."] and kwargs {}
+    assert claimed[under.id].oversize == 0 and len(claimed[under.id].args) == 900_004
+    db.execute(f"""UPDATE "{app.schema}".jobs SET state = 'available', attempt = 0, worker_id = NULL""")
+    with run_worker(app):
+        assert type(over.get(timeout=10, propagate=False)).__name__ == "PayloadTooLarge"
+        assert under.get(timeout=10) == 900_000
+    error = job_row(db, app, over.id)["errors"][-1]
+    assert error["message"] == (
+        "arguments take 3000006 bytes (as stored in Postgres; not fetched), over the limit of 1000000"
+    )
+    assert job_row(db, app, over.id)["args"] == [blob]  # kept: raise the limit and retry it
+    big.close()
+    app.close()
+
+
 def test_a_failing_job_in_its_dead_letter_queue_is_not_copied_again(
     app: TaskPG, run_worker: Any, db: psycopg.Connection
 ) -> None:

@@ -891,11 +891,22 @@ def test_decode_other_bad_values_are_rejected(declared: TaskPG, extra: str) -> N
     assert rejected.job.queue == "default"
 
 
-def test_decode_oversized_envelope_is_rejected_by_its_byte_size(declared: TaskPG) -> None:
+def test_decode_holds_arguments_to_the_limit_by_their_utf8_size_as_a_direct_enqueue(declared: TaskPG) -> None:
     raw = '{"task": "emails.send", "kwargs": {"subject": "ééééé"}}'  # 5 characters, 10 bytes
-    size = len(raw.encode())
+    size = len("[]") + len('{"subject":"ééééé"}'.encode())  # compact JSON, as delay() measures
     assert isinstance(decode(raw, declared.tasks, size), NewJob)
-    assert_rejected(decode(raw.encode(), declared.tasks, size - 1), raw, f"takes {size} bytes, over the limit")
+    reason = f"arguments take {size} bytes as JSON"
+    assert_rejected(decode(raw.encode(), declared.tasks, size - 1), raw, reason, task="emails.send")
+
+
+def test_decode_does_not_parse_an_envelope_far_over_the_limit(declared: TaskPG) -> None:
+    from taskpg.envelope import ENVELOPE_ROOM, SAMPLE_BYTES
+
+    raw = json.dumps({"task": "emails.send", "args": ["é" * ENVELOPE_ROOM]}).encode()  # \u00e9 escapes: 6 bytes each
+    rejected = decode(raw, declared.tasks, 100)
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason.startswith(f"envelope takes {len(raw)} bytes, over the limit of 100 for its arguments")
+    assert json.loads(rejected.job.args) == [raw[:SAMPLE_BYTES].decode()]
 
 
 def test_decode_invalid_utf8_is_kept_with_its_bytes_escaped(declared: TaskPG) -> None:
@@ -1534,7 +1545,15 @@ def test_build_metadata_puts_every_table_in_the_schema() -> None:
     metadata = build_metadata("units_schema")
     assert set(metadata.tables) == {
         f"units_schema.{name}"
-        for name in ("jobs", "workers", "periodic_ticks", "throttle_windows", "unique_locks", "rate_limits")
+        for name in (
+            "jobs",
+            "workers",
+            "periodic_ticks",
+            "throttle_windows",
+            "unique_locks",
+            "rate_limits",
+            "duplicates",
+        )
     }
 
 
