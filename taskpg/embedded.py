@@ -1,19 +1,27 @@
-"""An embedded Postgres for machines with no database configured.
+"""An embedded Postgres for machines with no database configured, private to the user who starts it.
 
 First choice is the ``pgserver`` package (extra ``[embedded]``; wheels for Python 3.10-3.12),
 which bundles Postgres binaries. Otherwise a locally installed ``initdb``/``pg_ctl`` is used.
-The server keeps its data under a local directory (``TASKPG_DATA_DIR``, default ``./.taskpg``)
-and listens on a Unix socket inside it only, so nothing is exposed on the network.
+The server keeps its data under a local directory (``TASKPG_DATA_DIR``, default ``./.taskpg``).
+
+Private by construction: no TCP (``listen_addresses = ''``, and host lines of pg_hba that reject),
+one Unix socket in a directory only the server's user can enter (the data directory, or, when its
+path is too long for a socket, a 0700 directory of that user under /tmp that is checked, never
+trusted), socket permissions 0700, and no permission of the user's folders ever widened. pgserver
+is only used where it keeps to these rules: not as root (it would widen folders and make its socket
+directory world-writable) and not with a data path too long for its socket.
 """
 
 from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import warnings
 from pathlib import Path
@@ -28,6 +36,12 @@ INSTALL_HINT = (
     "install the extra with `pip install 'taskpg[embedded]'` (Python 3.10-3.12), or install PostgreSQL's "
     "initdb/pg_ctl, or point TASKPG_DSN at a server"
 )
+SOCKET_NAME = ".s.PGSQL.5432"
+#: The longest socket path used (Linux allows 107 bytes, macOS 103).
+MAX_SOCKET_PATH = 100
+#: What the embedded cluster's postgresql.conf gets (also passed on the command line, for clusters
+#: made before these lines were written).
+PRIVATE_SETTINGS = {"listen_addresses": "''", "unix_socket_permissions": "0700"}
 
 
 def default_data_dir() -> Path:
@@ -38,20 +52,46 @@ def start(data_dir: Path | None = None) -> str:
     """Start (or reuse) the embedded Postgres and return its DSN."""
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
-    pgserver = _import_pgserver()
-    if pgserver is not None:
-        pgdata = data_dir / "pgserver"
-        pgdata.mkdir(exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            server = pgserver.get_server(pgdata, cleanup_mode="stop")
-        dsn = str(server.get_uri())
-        logger.warning("taskpg: using embedded Postgres (pgserver) with data in %s", pgdata)
-        return dsn
     binaries = _local_binaries()
+    pgserver = _import_pgserver()
+    pgdata = data_dir / "pgserver"
+    if pgserver is not None:
+        refusal = _pgserver_refusal(pgdata)
+        if refusal is None:
+            return _start_pgserver(pgserver, pgdata)
+        if binaries is None:
+            raise ConfigurationError(f"the embedded Postgres (pgserver) {refusal}; {INSTALL_HINT}")
+        logger.warning("taskpg: not using pgserver, which %s; using %s", refusal, binaries)
     if binaries is None:
         raise ConfigurationError(INSTALL_HINT)
     return _start_local(data_dir / "pgdata", binaries)
+
+
+def _pgserver_refusal(pgdata: Path) -> str | None:
+    """Why pgserver cannot keep this data directory private, if it cannot."""
+    if os.geteuid() == 0:
+        return (
+            "would widen the permissions of folders above the data and open its socket to every user when run as root"
+        )
+    if not _socket_fits(pgdata):
+        return f"would put its socket outside {pgdata} (the path is too long for a socket), where others can reach it"
+    return None
+
+
+def _start_pgserver(pgserver: Any, pgdata: Path) -> str:
+    pgdata.mkdir(exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        # Also for a later start by hand: no TCP, an owner-only socket (ALTER SYSTEM: postgresql.auto.conf).
+        for name, value in PRIVATE_SETTINGS.items():
+            server.psql(f"ALTER SYSTEM SET {name} = {value};")
+    logger.warning("taskpg: using embedded Postgres (pgserver) with data in %s", pgdata)
+    return str(server.get_uri())
+
+
+def _socket_fits(folder: Path) -> bool:
+    return len(os.fsencode(folder / SOCKET_NAME)) <= MAX_SOCKET_PATH
 
 
 def _import_pgserver() -> Any:
@@ -78,8 +118,9 @@ def _local_binaries() -> Path | None:
 class LocalCluster:
     """A Postgres cluster in a local folder, run with the machine's own initdb/pg_ctl.
 
-    It listens on a Unix socket inside its data folder only. Postgres refuses to run as root, so
-    when we are root it runs as the 'postgres' system user.
+    Private to its user (see the module docstring). Postgres refuses to run as root, so when we are
+    root it runs as the 'postgres' system user; the data folder must then be reachable by that user
+    as it is (taskpg never widens a folder's permissions).
     """
 
     def __init__(self, pgdata: Path, binaries: Path | None = None) -> None:
@@ -97,10 +138,19 @@ class LocalCluster:
                     "embedded Postgres cannot run as root and there is no 'postgres' user to run it as; " + INSTALL_HINT
                 ) from exc
             self.owner = "postgres"
+        self.uid = pwd.getpwnam(self.owner).pw_uid if self.owner else os.geteuid()
+
+    @property
+    def socket_dir(self) -> Path:
+        """The data folder, or, when its path is too long for a socket, /tmp/taskpg-<uid>-<hash>."""
+        if _socket_fits(self.pgdata):
+            return self.pgdata
+        digest = hashlib.sha256(os.fsencode(self.pgdata.resolve())).hexdigest()[:16]
+        return Path("/tmp") / f"taskpg-{self.uid}-{digest}"
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@/postgres?host={self.pgdata}"
+        return f"postgresql://postgres@/postgres?host={self.socket_dir}"
 
     def _run(self, *argv: str) -> None:
         command = [*argv]
@@ -109,7 +159,7 @@ class LocalCluster:
         subprocess.run(command, check=True, capture_output=True, text=True)
 
     def _pg_ctl(self, *args: str) -> None:
-        options = f"-c listen_addresses='' -k {self.pgdata} -c unix_socket_permissions=0777"
+        settings = " ".join(f"-c {name}={value}" for name, value in PRIVATE_SETTINGS.items())
         self._run(
             str(self.binaries / "pg_ctl"),
             "-D",
@@ -118,7 +168,7 @@ class LocalCluster:
             str(self.pgdata / "server.log"),
             "-w",
             "-o",
-            options,
+            f"{settings} -k {self.socket_dir}",
             *args,
         )
 
@@ -135,6 +185,7 @@ class LocalCluster:
         if self.owner is not None:
             shutil.chown(self.pgdata, self.owner)
             self.pgdata.chmod(0o700)
+            self._check_reachable()
         with open(self.pgdata.parent / "embedded.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (self.pgdata / "PG_VERSION").exists():
@@ -145,13 +196,54 @@ class LocalCluster:
                     str(self.pgdata),
                     "-U",
                     "postgres",
-                    "--auth=trust",
+                    "--auth-local=trust",  # only the owner can reach the socket
+                    "--auth-host=reject",  # no TCP login, even if someone turns TCP on
                     "-E",
                     "UTF8",
                 )
+                self._write_private_settings()
+            self._private_socket_dir()
             if not self.is_running():
                 self._pg_ctl("start")
         return self.dsn
+
+    def _check_reachable(self) -> None:
+        """As root: the 'postgres' user must reach the data folder through folders as they are."""
+        try:
+            self._run("test", "-x", str(self.pgdata))
+        except subprocess.CalledProcessError:
+            raise ConfigurationError(
+                f"the embedded Postgres runs as the 'postgres' user, who cannot reach {self.pgdata}: a folder above "
+                "it is private, and taskpg does not widen it; set TASKPG_DATA_DIR to a folder that user can reach "
+                "(say /var/lib/taskpg), or run as a user other than root"
+            ) from None
+
+    def _write_private_settings(self) -> None:
+        """Into postgresql.conf, so that the cluster stays private when started by hand too."""
+        lines = [f"{name} = {value}" for name, value in PRIVATE_SETTINGS.items()]
+        lines.append(f"unix_socket_directories = '{self.socket_dir}'")
+        with open(self.pgdata / "postgresql.conf", "a") as conf:  # root may write the postgres user's file
+            conf.write("\n# taskpg: private to its user\n" + "\n".join(lines) + "\n")
+
+    def _private_socket_dir(self) -> None:
+        """Make the socket directory, or check one that exists: a real directory of the server's
+        user that no one else can enter (never one someone else made first)."""
+        folder = self.socket_dir
+        if folder == self.pgdata:
+            return
+        try:
+            folder.mkdir(mode=0o700)
+            if self.owner is not None:
+                shutil.chown(folder, self.owner)
+        except FileExistsError:
+            pass
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != self.uid or info.st_mode & 0o077:
+            raise ConfigurationError(
+                f"{folder} (the embedded Postgres' socket directory, as {self.pgdata} is too long a path for a "
+                "socket) is not a directory only its user can enter: refusing to use it; remove it, or choose a "
+                "shorter TASKPG_DATA_DIR"
+            )
 
     def stop(self) -> None:
         self._pg_ctl("stop", "-m", "fast")

@@ -8,7 +8,9 @@ The fixtures that several test files share are here too; helpers that are not fi
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -46,15 +48,27 @@ def _reachable(dsn: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+def pg_dsn() -> Iterator[str]:
     """The DSN of the Postgres server the tests use."""
     explicit = os.environ.get("TASKPG_TEST_DSN")
     if explicit:
-        return explicit
+        yield explicit
+        return
     if not os.environ.get("TASKPG_TEST_EMBEDDED") and _reachable(LOCAL_DSN):
-        return LOCAL_DSN
-    data_dir = Path(os.environ.get("TASKPG_TEST_DATA_DIR") or tmp_path_factory.mktemp("embedded"))
-    return embedded.start(data_dir)
+        yield LOCAL_DSN
+        return
+    given = os.environ.get("TASKPG_TEST_DATA_DIR")
+    # A folder of our own under /tmp: as root the embedded server runs as 'postgres', who must reach it
+    # (pytest's own temporary folders are private to root, and taskpg never widens a folder).
+    data_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="taskpg-embedded-", dir="/tmp"))
+    if not given:
+        data_dir.chmod(0o755)
+    yield embedded.start(data_dir)
+    local = data_dir / "pgdata"  # a local initdb cluster outlives its process: stop it (pgserver stops itself)
+    if (local / "PG_VERSION").exists():
+        embedded.LocalCluster(local).stop()
+    if not given:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def drop_schema(dsn: str, schema: str) -> None:
