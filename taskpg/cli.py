@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import deadletter, migrate, ops
+from . import deadletter, durability, migrate, ops
 from .app import TaskPG
 from .beat import Beat, describe_schedules
 from .dsn import redact
@@ -136,11 +136,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     app = app_from_args(args)
     report = ops.status_report(app.store)
-    buffer = None
+    buffer: dict[str, Any] | None = None
     if app.redis_url is not None:
         depth, oldest = app.buffer.depth()
-        buffer = {"depth": depth, "oldest_enqueued_at": oldest}
+        buffer = {"depth": depth, "oldest_enqueued_at": oldest, "durability": durability.findings(app.buffer.client)}
     report["buffer"] = buffer
+    losses = app.store.buffer_losses()  # kept in Postgres: shown even when Redis is not configured here
+    report["buffer_losses"] = dataclasses.asdict(losses)
     if args.json:
         print(json.dumps(report, default=str, indent=2))
         return 0
@@ -169,6 +171,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_table([[t, s["throttled"], s["snoozed"]] for t, s in limits.items()], ["task", "throttled", "snoozed"])
     if buffer is not None:
         print(f"\nredis buffer: {buffer['depth']} envelope(s) waiting; oldest pushed at {buffer['oldest_enqueued_at']}")
+        for finding in buffer["durability"]:
+            print(f"redis buffer: not durable: {finding}")
+    if losses.events:
+        print(
+            f"redis buffer: lost at least {losses.lost} envelope(s) in {losses.events} event(s); the latest at "
+            f"{losses.last_at}, from {printable(losses.last_list or '')}: {losses.last_cause}"
+        )
     return 0
 
 

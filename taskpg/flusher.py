@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import envelope
+from . import durability, envelope
 from .connections import needs_reconnect, reconnecting, redis_client, redis_errors, refuses_value
 from .enqueue import insert_staged
 from .exceptions import DatabaseUnavailable
@@ -126,6 +126,8 @@ class Flusher(BackgroundLoop):
         prefix = f"taskpg:{app.schema}"
         self.lists = app.buffer_lists  # the buffer's lists, flushed in turn
         self._turn = 0
+        self.watch = durability.LossWatch(self.lists)
+        self._checked = False  # the Redis durability check has run
         self.holding = False  # this flusher holds the buffer's lock
         self._recovered = False
         self._last = 0.0
@@ -192,11 +194,12 @@ class Flusher(BackgroundLoop):
     def _next_batch(self) -> Batch:
         """Move a batch from the next of the buffer's lists that has envelopes (each list in turn)."""
         for _ in self.lists:
-            source = self.lists[self._turn % len(self.lists)]
+            index = self._turn % len(self.lists)
             self._turn += 1
             key = f"{self.own_prefix}{uuid.uuid4()}"
-            count, blob = self._move(keys=[source, key, self.registry], args=[self.batch_size, SEPARATOR])
+            count, blob = self._move(keys=[self.lists[index], key, self.registry], args=[self.batch_size, SEPARATOR])
             if int(count):
+                self.watch.moved(index, int(count))
                 return Batch(key, int(count), bytes(blob))
         return Batch("", 0, b"")
 
@@ -290,28 +293,53 @@ class Flusher(BackgroundLoop):
         return isinstance(exc, (DatabaseUnavailable, *redis_errors())) or needs_reconnect(exc)
 
     def step(self) -> float:
-        """Flush every ``interval`` seconds, or as soon as a full batch waits."""
+        """Flush every ``interval`` seconds, or as soon as a full batch waits; notice lost envelopes."""
+        if not self._checked:
+            self._say_durability()
+        if self.holding:
+            # Still ours, without a break: then nobody but this flusher took envelopes since the last look.
+            self.holding = self.renew()
+            if not self.holding and self.redis.get(self.lock) is None:  # not taken over: Redis dropped it
+                self._report(self.watch.lock_vanished(self.redis))
         if not self.holding:
             self.holding = self.acquire()
             self._recovered = False
+            self.watch.reset()
         if self.holding and not self._recovered:
             self.recover()
             self._recovered = True
         if self.holding:
+            lengths = self._lengths()
+            self._report(self.watch.seen(lengths, self.redis))
             due = time.monotonic() - self._last >= self.interval
-            if due or self._full_batch_waits():
+            if due or any(n >= self.batch_size for n in lengths):
                 while self.flush_once() >= self.batch_size and not self.stopping:
                     pass
                 self._last = time.monotonic()
                 self.signals.emit("flushed")
-            self.holding = self.renew()
         return LOOK_EVERY
 
-    def _full_batch_waits(self) -> bool:
+    def _lengths(self) -> list[int]:
         with self.redis.pipeline(transaction=False) as pipe:
             for key in self.lists:
                 pipe.llen(key)
-            return any(int(n) >= self.batch_size for n in pipe.execute())
+            return [int(n) for n in pipe.execute()]
+
+    def _say_durability(self) -> None:
+        """Once, at the start: what this Redis can lose of the buffer."""
+        for finding in durability.findings(self.redis):
+            logger.warning("the Redis buffer is not durable: %s (see docs/buffer.md, Durability)", finding)
+        self._checked = True
+
+    def _report(self, losses: list[durability.Loss]) -> None:
+        for loss in losses:
+            logger.error(
+                "%d envelope(s) vanished from Redis list %s: %s; the jobs they carried are lost",
+                loss.count,
+                loss.list_name,
+                loss.cause,
+            )
+            self.store.record_buffer_loss(loss.list_name, loss.count, loss.cause)
 
     def on_stop(self) -> None:
         if self.holding:

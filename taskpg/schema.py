@@ -14,6 +14,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # fullmatch: "$" would let a trailing "\n" in
@@ -172,5 +173,15 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("holder", UUID(as_uuid=False), nullable=False),
         Column("unique_key", Text, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    )
+    # Envelopes the buffer's Redis lost (evicted, a restart without persistence), as a flusher saw them.
+    Table(
+        "buffer_losses",
+        metadata,
+        Column("id", BigInteger, Identity(), primary_key=True),
+        Column("detected_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        Column("list_name", Text, nullable=False),
+        Column("lost", BigInteger, nullable=False),
+        Column("cause", Text, nullable=False),
     )
     return metadata

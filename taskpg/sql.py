@@ -510,6 +510,19 @@ WITH windows AS (DELETE FROM {throttle_windows} WHERE window_end < now() - inter
 SELECT 1
 """
 
+# The flusher saw envelopes vanish from a buffer list (durability.py).
+RECORD_BUFFER_LOSS = """
+INSERT INTO {buffer_losses} (list_name, lost, cause) VALUES (%(list_name)s, %(lost)s, %(cause)s)
+"""
+
+# For `taskpg status`: all losses ever recorded, and the latest.
+BUFFER_LOSSES = """
+SELECT total.lost, total.events, latest.detected_at, latest.list_name, latest.cause
+FROM (SELECT coalesce(sum(lost), 0)::bigint AS lost, count(*) AS events FROM {buffer_losses}) AS total
+LEFT JOIN LATERAL (SELECT detected_at, list_name, cause FROM {buffer_losses} ORDER BY id DESC LIMIT 1) AS latest
+    ON true
+"""
+
 JOB_COUNTS = """
 SELECT queue, state, count(*) FROM {jobs} GROUP BY queue, state ORDER BY queue, state
 """
@@ -600,6 +613,8 @@ class Queries:
         self.prune_ticks = self._render(PRUNE_TICKS)
         self.task_limit_stats = self._render(TASK_LIMIT_STATS)
         self.prune_limits = self._render(PRUNE_LIMITS)
+        self.record_buffer_loss = self._render(RECORD_BUFFER_LOSS)
+        self.buffer_losses = self._render(BUFFER_LOSSES)
         self.job_counts = self._render(JOB_COUNTS)
         self.list_workers = self._render(LIST_WORKERS)
         self.dead_list = self._render(DEAD_LIST)
@@ -617,6 +632,7 @@ class Queries:
                 throttle_windows=sql.Identifier(self.schema, "throttle_windows"),
                 rate_limits=sql.Identifier(self.schema, "rate_limits"),
                 duplicates=sql.Identifier(self.schema, "duplicates"),
+                buffer_losses=sql.Identifier(self.schema, "buffer_losses"),
                 alembic_version=sql.Identifier(self.schema, "alembic_version"),
             )
             .as_string()

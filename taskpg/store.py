@@ -168,6 +168,17 @@ class LimitCounts:
     snoozed: int  # snoozes of jobs still kept
 
 
+@dataclass(frozen=True)
+class BufferLosses:
+    """Envelopes the buffer's Redis lost, as flushers saw them: the least total, in how many events, the latest."""
+
+    lost: int
+    events: int
+    last_at: dt.datetime | None
+    last_list: str | None
+    last_cause: str | None
+
+
 class _Shared:
     """What every Store of one app shares: the connections, the statements, the schema check."""
 
@@ -580,6 +591,14 @@ class Store:
         for queue, state, count in self._all(self.q.job_counts):
             counts.setdefault(queue, {})[state] = int(count)
         return counts
+
+    def record_buffer_loss(self, list_name: str, lost: int, cause: str) -> None:
+        self._count(self.q.record_buffer_loss, {"list_name": list_name, "lost": lost, "cause": cause})
+
+    def buffer_losses(self) -> BufferLosses:
+        row = self._one(self.q.buffer_losses)
+        assert row is not None
+        return BufferLosses(int(row[0]), int(row[1]), row[2], row[3], row[4])
 
     def limit_counts(self) -> dict[str, LimitCounts]:
         """task -> calls turned away by throttles and snoozes of kept jobs."""

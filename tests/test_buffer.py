@@ -20,9 +20,11 @@ import pytest
 import redis
 from support.example_runner import run_example
 from support.paths import SUPPORT
+from support.waiting import wait_for
 
 from taskpg import TaskPG, migrate
 from taskpg.buffer import buffer_key
+from taskpg.cli import main
 from taskpg.embedded import LocalCluster, _local_binaries
 from taskpg.flusher import Flusher
 
@@ -248,6 +250,37 @@ def test_flusher_thread_stops_cleanly(buffered_app: TaskPG, db: psycopg.Connecti
     assert not flusher.running
     assert job_count(db, buffered_app) == (500, 500)
     assert not flusher.redis.exists(flusher.lock)  # released on the way out
+
+
+def test_a_flusher_sees_no_loss_while_producers_push_as_it_flushes(
+    buffered_app: TaskPG, db: psycopg.Connection
+) -> None:
+    """The loss watch (lists shorter than seen, less what was moved) must never cry wolf on busy lists."""
+
+    @buffered_app.task
+    def item(n: int) -> None:
+        return None
+
+    flusher = Flusher(buffered_app, interval=0.01)  # each look flushes what waits
+    flusher.start()
+
+    def produce(start: int) -> None:
+        for number, chunk in enumerate(range(start, start + 5000, 250)):
+            item.delay_many(((n,) for n in range(chunk, chunk + 250)), via="buffer")
+            item.apply_async(args=(-chunk,), via="buffer")
+            if number % 5 == 4:  # let the flusher take some while the others go on pushing
+                assert flusher.signals.wait_for("flushed", flusher.signals.count("flushed") + 1, timeout=10)
+
+    producers = [threading.Thread(target=produce, args=(n * 5000,)) for n in range(4)]
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join()
+    wait_for(lambda: job_count(db, buffered_app)[0] == 20_080, timeout=30, message="every pushed job flushed")
+    flusher.stop()
+    flusher.join(5)
+    assert flusher.signals.count("flushed") >= 4  # it flushed while they pushed
+    assert buffered_app.store.buffer_losses().events == 0
 
 
 def test_nul_characters_are_refused_at_enqueue_and_at_flush(
@@ -607,23 +640,16 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def command(self) -> list[str]:
+        return [
+            "redis-server",
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)),
+            *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
+        ]
+
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.folder),
-            ],
+            self.command(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -649,6 +675,116 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
+
+
+# -- Redis that forgets (issue: durability) -------------------------------------------------------------
+
+
+class ForgetfulRedis(PrivateRedis):
+    """A private redis-server with the given settings (no persistence by default)."""
+
+    def __init__(self, folder: Path, *settings: str) -> None:
+        super().__init__(folder)
+        self.settings = settings or ("--save", "", "--appendonly", "no")
+
+    def command(self) -> list[str]:
+        return [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            *self.settings,
+        ]
+
+
+def _lost(db: psycopg.Connection, schema: str) -> list[tuple[str, int, str]]:
+    return db.execute(f'SELECT list_name, lost, cause FROM "{schema}".buffer_losses ORDER BY id').fetchall()
+
+
+@pytest.mark.slow
+def test_a_redis_restart_without_persistence_is_noticed_and_counted(
+    pg_dsn: str,
+    migrated_schema: str,
+    tmp_path: Path,
+    db: psycopg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = ForgetfulRedis(tmp_path)
+    server.start()
+    app = TaskPG(pg_dsn, schema=migrated_schema, redis_url=server.url)
+    try:
+
+        @app.task(name="kept")
+        def kept(n: int) -> None:
+            return None
+
+        flusher = Flusher(app, interval=3600)
+        with caplog.at_level(logging.WARNING, logger="taskpg.flusher"):
+            flusher.step()  # takes the lock; flushes the (empty) buffer once
+        assert "keeps nothing on disk" in caplog.text  # said at the flusher's start
+        kept.delay_many(((n,) for n in range(1000)), via="buffer")
+        flusher.step()  # sees 1000 waiting (not due yet)
+        server.stop()
+        server.start()  # empty: it kept nothing
+        with caplog.at_level(logging.ERROR, logger="taskpg.flusher"):
+            for _ in range(3):
+                try:
+                    flusher.step()
+                except Exception:
+                    app.buffer.client.connection_pool.disconnect()
+        assert _lost(db, migrated_schema) == [
+            (
+                app.buffer.key,
+                1000,
+                "Redis restarted without them (no persistence, or a failover to a replica that lacked them)",
+            )
+        ]
+        assert "1000 envelope(s) vanished" in caplog.text
+        main(["status", "--dsn", pg_dsn, "--schema", migrated_schema, "--redis-url", server.url])
+        out = capsys.readouterr().out
+        assert "lost at least 1000 envelope(s)" in out
+    finally:
+        app.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_eviction_under_allkeys_lru_is_warned_about_and_counted(
+    pg_dsn: str, migrated_schema: str, tmp_path: Path, db: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = ForgetfulRedis(
+        tmp_path, "--save", "", "--appendonly", "no", "--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"
+    )
+    server.start()
+    app = TaskPG(pg_dsn, schema=migrated_schema, redis_url=server.url)
+    try:
+
+        @app.task(name="big")
+        def big(text: str) -> None:
+            return None
+
+        flusher = Flusher(app, interval=3600)
+        with caplog.at_level(logging.WARNING, logger="taskpg.flusher"):
+            flusher.step()
+        assert "maxmemory-policy is allkeys-lru" in caplog.text
+        big.delay_many((("x" * 500,) for _ in range(2000)), via="buffer")  # ~1.2 MB
+        flusher.step()
+        waiting = app.buffer.depth()[0]
+        assert waiting == 2000
+        filler = redis.Redis.from_url(server.url)
+        for n in range(200):  # 8 MB of other keys: Redis evicts
+            filler.set(f"filler:{n}", "y" * 40_000)
+        flusher.step()
+        losses = _lost(db, migrated_schema)
+        assert losses and sum(n for _, n, _ in losses) >= 1
+        assert all("evicted" in cause for *_, cause in losses)
+    finally:
+        app.close()
+        server.stop()
 
 
 @pytest.mark.slow

@@ -113,3 +113,20 @@ def test_two_schemas_are_independent(pg_dsn: str, migrated_schema: str, db: psyc
 def test_bad_schema_name_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="schema name"):
         TaskPG("postgresql://x@127.0.0.1/x", schema='x"; DROP TABLE jobs; --')
+
+
+@pytest.mark.parametrize("limit", [0, -1, 268_435_456, 2**31, True])
+def test_max_payload_bytes_stays_within_what_postgres_can_store(limit: int) -> None:
+    """Above jsonb's 268,435,455 bytes Postgres refuses the value, and a statement over 1 GB closes the
+    connection (which would read as an outage): such a limit is refused when the app is made."""
+    with pytest.raises(ConfigurationError, match="max_payload_bytes"):
+        TaskPG("postgresql://unused", max_payload_bytes=limit)
+
+
+def test_max_payload_bytes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKPG_MAX_PAYLOAD_BYTES", "5000")
+    assert TaskPG("postgresql://unused").max_payload_bytes == 5000
+    assert TaskPG("postgresql://unused", max_payload_bytes=10).max_payload_bytes == 10  # the argument wins
+    monkeypatch.setenv("TASKPG_MAX_PAYLOAD_BYTES", "lots")
+    with pytest.raises(ConfigurationError, match="TASKPG_MAX_PAYLOAD_BYTES"):
+        TaskPG("postgresql://unused")

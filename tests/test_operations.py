@@ -71,7 +71,8 @@ def test_status_lists_queues_and_states_as_text_and_json(
     result = cli(app.schema, "status", "--json")
     assert result.code == 0
     status = json.loads(result.out)
-    assert status == {"jobs": expected, "workers": [], "buffer": None, "tasks": {}}  # no Redis, no limits
+    no_losses = {"lost": 0, "events": 0, "last_at": None, "last_list": None, "last_cause": None}
+    assert status == {"jobs": expected, "workers": [], "buffer": None, "buffer_losses": no_losses, "tasks": {}}
 
     with run_worker(app, queues=["nothing-here"]) as worker:
         status = json.loads(cli(app.schema, "status", "--json").out)

@@ -1553,6 +1553,7 @@ def test_build_metadata_puts_every_table_in_the_schema() -> None:
             "unique_locks",
             "rate_limits",
             "duplicates",
+            "buffer_losses",
         )
     }
 
