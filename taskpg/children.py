@@ -18,10 +18,11 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
+from . import logs
 from .exceptions import ChildProcessDied, SoftTimeLimitExceeded, TimeLimitExceeded
 from .executor import Executor
 from .job import Outcome
-from .task import Task, TaskRegistry
+from .task import Task, TaskRegistry, current_request
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -89,7 +90,7 @@ class Child:
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
             target=child_main,
-            args=(child_conn, self._modules, self._worker_id, self._max_payload),
+            args=(child_conn, self._modules, self._worker_id, self._max_payload, logs.settings()),
             daemon=True,
             name="taskpg-child",
         )
@@ -133,9 +134,18 @@ class Child:
             self._process.kill()
 
 
-def child_main(conn: Connection, modules: list[str], worker_id: str | None, max_payload: int) -> None:
-    """Child process: import the task modules, then run the jobs the parent sends."""
+def child_main(
+    conn: Connection,
+    modules: list[str],
+    worker_id: str | None,
+    max_payload: int,
+    log_settings: tuple[str, str] | None = None,
+) -> None:
+    """Child process: import the task modules, then run the jobs the parent sends. It logs as the
+    parent does (``log_settings``: the CLI's level and format), never blocking a job on a log line."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
+    if log_settings is not None:
+        logs.configure(*log_settings, current_request)
     tasks = TaskRegistry()
     for name in modules:
         module = importlib.import_module(name)

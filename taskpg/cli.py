@@ -6,13 +6,12 @@ import argparse
 import dataclasses
 import importlib
 import json
-import logging
 import os
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import deadletter, durability, migrate, ops
+from . import deadletter, durability, logs, migrate, ops
 from .app import TaskPG
 from .beat import Beat, describe_schedules
 from .dsn import redact
@@ -21,6 +20,7 @@ from .flusher import Flusher
 from .job import JobState
 from .pools import POOL_CHOICES
 from .rates import parse_duration
+from .task import current_request
 from .worker import TIME_LIMIT_POOLS, Worker, WorkerSettings
 
 if TYPE_CHECKING:
@@ -254,7 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dsn", help="database DSN (default: the app's, TASKPG_DSN, DATABASE_URL)")
     common.add_argument("--schema", help="Postgres schema of taskpg's tables (default: taskpg)")
     common.add_argument("--redis-url", help="Redis of the spike buffer (default: the app's, TASKPG_REDIS_URL)")
-    common.add_argument("-l", "--loglevel", default="info", help="debug, info, warning, error")
+    common.add_argument(
+        "-l",
+        "--loglevel",
+        default="warning",
+        type=str.lower,
+        choices=logs.LEVELS,
+        help="taskpg's log level (default: warning)",
+    )
+    common.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines or JSON lines")
 
     parser = argparse.ArgumentParser(prog="taskpg", description="A Celery-style task queue on PostgreSQL.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,12 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run() -> int:
+    """The ``taskpg`` command (and ``python -m taskpg``): ``main`` with taskpg's logging set up."""
+    return main(configure_logging=True)
+
+
+def main(argv: Sequence[str] | None = None, *, configure_logging: bool = False) -> int:
+    """Run one command. ``configure_logging`` sets up this process' logging from ``-l`` and
+    ``--log-format`` (logs.py); called in-process (tests, your code), logging is left as it is."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.loglevel).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if configure_logging:
+        logs.configure(args.loglevel, args.log_format, current_request)
     if args.command in ("worker", "beat", "schedules") and not args.app:
         raise SystemExit(f"taskpg {args.command}: -A MODULE[:APP] is required")
     try:
@@ -359,4 +372,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         while _opened:
             _opened.pop().close()
+        if configure_logging:
+            logs.flush()
     return code

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from .children import ChildPool
 from .exceptions import ConfigurationError, SoftTimeLimitExceeded, TimeLimitExceeded
 from .executor import Call, Executor
-from .job import ClaimedJob, Outcome
+from .job import ClaimedJob, JobState, Outcome
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
@@ -128,27 +128,7 @@ class Pool:
         if started is not None:
             self._time_run(time.monotonic() - started)
         if outcome is not None:
-            job = outcome.job
-            if started is not None:
-                logger.info(
-                    "job %s %s attempt %d %s in %.1f ms",
-                    job.id,
-                    job.task,
-                    job.attempt,
-                    outcome.state,
-                    (time.monotonic() - started) * 1000,
-                )
-            elif outcome.error is not None:  # never ran: unknown task, bad arguments, ...
-                logger.info(
-                    "job %s %s attempt %d %s without running: %s",
-                    job.id,
-                    job.task,
-                    job.attempt,
-                    outcome.state,
-                    outcome.error.get("message"),
-                )
-            else:  # never ran: held back by a rate limit
-                logger.info("job %s %s put back for %.2f s (rate limit)", job.id, job.task, outcome.delay)
+            log_outcome(outcome, None if started is None else time.monotonic() - started)
             self._on_outcome(outcome)
         with self._lock:
             self._in_flight -= 1
@@ -211,7 +191,7 @@ class Pool:
 
     def _started(self, call: Call) -> float:
         self._setup.on_start(call.job)
-        logger.info("job %s %s attempt %d started", call.job.id, call.job.task, call.job.attempt)
+        logger.debug("job %s %s attempt %d started", call.job.id, call.job.task, call.job.attempt)
         return time.monotonic()
 
     def _enqueue(self, jobs: list[ClaimedJob]) -> None:
@@ -508,3 +488,23 @@ class AsyncPool(Pool):
 
 async def _make_queue() -> asyncio.Queue[ClaimedJob | None]:
     return asyncio.Queue()
+
+
+def log_outcome(outcome: Outcome, seconds: float | None) -> None:
+    """One line per finished attempt (``seconds`` is None for a job that never ran): success at INFO,
+    a retry at WARNING and a dead job at ERROR, both with the error, a dead job with its traceback."""
+    job, error = outcome.job, outcome.error or {}
+    took = "without running" if seconds is None else f"in {seconds * 1000:.1f} ms"
+    where = f"job {job.id} {job.task} attempt {job.attempt}"
+    failure = f"{error.get('type')}: {error.get('message')}" if error else ""
+    if outcome.state == JobState.DEAD:
+        trace = error.get("traceback")
+        logger.error("%s dead %s: %s%s", where, took, failure, f"\n{trace.rstrip()}" if trace else "")
+    elif error and outcome.state in (JobState.SCHEDULED, JobState.AVAILABLE) and not outcome.refund:
+        logger.warning("%s failed %s: %s; retrying in %.1f s", where, took, failure, outcome.delay)
+    elif seconds is None:  # never ran, no error: held back by a rate limit
+        logger.debug("%s put back for %.2f s (rate limit)", where, outcome.delay)
+    elif outcome.snoozed:
+        logger.info("%s snoozed %s; again in %.1f s", where, took, outcome.delay)
+    else:
+        logger.info("%s %s %s", where, JobState(outcome.state).value, took)

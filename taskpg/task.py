@@ -326,6 +326,11 @@ def _item_error(index: int, exc: SerializationError) -> SerializationError:
     return SerializationError(f"delay_many item {index}: {exc}")
 
 
+def current_request() -> Request | None:
+    """The request of the job running in this thread or task, if any (for log records)."""
+    return _current_request.get()
+
+
 @contextlib.contextmanager
 def request_context(request: Request) -> Iterator[None]:
     """Make ``request`` what ``self.request`` returns while a worker runs the job."""

@@ -7,6 +7,7 @@ database which jobs ran, how often and where. The ``tasks`` fixture (conftest.py
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -82,3 +83,13 @@ def poison(self: Any, n: int) -> None:
     _record_execution(self, n)
     time.sleep(0.05)
     os._exit(70)
+
+
+@app.task(bind=True)
+def chatty(self: Any, n: int) -> int:
+    """Logs through a logger that is not taskpg's, as a library the task uses would."""
+    _record_execution(self, n)
+    library = logging.getLogger("thirdparty.lib")
+    library.info("third-party info %d", n)
+    library.warning("third-party warning %d", n)
+    return n
