@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from taskpg import signals
 from taskpg.flusher import Flusher
 from taskpg.sql import CLAIM_SESSION, Queries
 from taskpg.worker import Worker
@@ -316,6 +317,21 @@ def w3_cases(bench: Bench) -> list[Case]:
     )
     cases.append(
         _case(
+            "W3/threads/c8/hooked",
+            "taskpg threads pool, a no-op receiver on each hot signal and a pass-through middleware",
+            n,
+            _drain_in_process,
+            n=n,
+            c=8,
+            pool="threads",
+            task=NOOP,
+            hooked=True,
+            concurrency=8,
+            baseline=raw,
+        )
+    )
+    cases.append(
+        _case(
             "W3/async/c8",
             "taskpg async pool (async def task)",
             n,
@@ -331,6 +347,14 @@ def w3_cases(bench: Bench) -> list[Case]:
     return cases
 
 
+def _pass_through(call_next: Callable[[Any], Any], request: Any) -> Any:
+    return call_next(request)
+
+
+def _ignore(**kwargs: Any) -> None:
+    return None
+
+
 def _drain_raw(bench: Bench, schema: str, n: int, backlog: int) -> Measurement:
     if backlog:
         seed_backlog(bench.dsn, schema, backlog, backlog, NOOP)
@@ -342,15 +366,28 @@ def _drain_raw(bench: Bench, schema: str, n: int, backlog: int) -> Measurement:
 
 
 def _drain_in_process(
-    bench: Bench, schema: str, n: int, c: int, pool: str, task: str, prefetch: int | None = None
+    bench: Bench,
+    schema: str,
+    n: int,
+    c: int,
+    pool: str,
+    task: str,
+    prefetch: int | None = None,
+    hooked: bool = False,
 ) -> Measurement:
-    """An idle in-process worker; the clock starts at the commit that makes ``n`` jobs ready."""
-    app = _app(bench, schema)
+    """An idle in-process worker; the clock starts at the commit that makes ``n`` jobs ready. ``hooked``:
+    with a no-op receiver on each signal sent per job and a middleware that only calls on."""
+    app = _app(bench, schema, middleware=[_pass_through] if hooked else [])
+    hot = (signals.task_prerun, signals.task_postrun, signals.task_success) if hooked else ()
+    for sig in hot:
+        sig.connect(_ignore)
     try:
         with InProcessWorker(app, concurrency=c, pool=pool, prefetch=prefetch):
             started = seed_ready(bench.dsn, schema, n, task, _channel(schema))
             finished = wait_drained(bench.dsn, schema, _drain_timeout(n))
     finally:
+        for sig in hot:
+            sig.disconnect(_ignore)
         app.close()
     expect_count(bench.dsn, schema, "succeeded", n)
     return Measurement(n, finished - started)

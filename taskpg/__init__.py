@@ -19,10 +19,10 @@ from .exceptions import (
     TimeLimitExceeded,
     TimeoutError,
 )
-from .job import JobState, Status
+from .job import JobState, Request, Status
 from .periodic import Schedule
 from .result import AsyncResult
-from .task import Request, Task, TaskRegistry
+from .task import Task, TaskRegistry
 from .worker import Worker, WorkerSettings
 
 __all__ = [

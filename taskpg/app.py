@@ -61,6 +61,7 @@ class TaskPG:
         default_via: str = "db",
         notify_debounce: float | None = None,
         buffer_lists: Sequence[str] | None = None,
+        middleware: Sequence[Callable[..., Any]] = (),
     ) -> None:
         self.schema = validate_schema_name(schema or os.environ.get("TASKPG_SCHEMA") or DEFAULT_SCHEMA)
         self.default_queue = validate_queue_name(default_queue, "default_queue")
@@ -78,6 +79,10 @@ class TaskPG:
         self._notifier: Notifier | None = None
         self._buffer: BufferProducer | None = None
         self._buffer_lists = _list_names(buffer_lists, os.environ.get("TASKPG_BUFFER_LISTS"))
+        #: Callables ``(call_next, request)`` around every run of this app's tasks (see hooks.py).
+        self.middleware: tuple[Callable[..., Any], ...] = tuple(middleware)
+        if not all(callable(m) for m in self.middleware):
+            raise ConfigurationError("middleware= takes callables (call_next, request) -> result")
         self.tasks = TaskRegistry()
         self._periodic: list[Schedule] = []
         self.queues: dict[str, QueueOptions] = {}

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import signals
 from .enqueue import insert_job
 from .flusher import Flusher
 from .loops import BackgroundLoop
@@ -172,6 +173,7 @@ class Beat(BackgroundLoop):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+        signals.beat_init.send(sender=self)
         helpers = [self.chores, *([self.flusher] if self.flusher else [])]
         for helper in helpers:
             helper.start()

@@ -18,7 +18,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import logs
+from . import logs, signals
 from .exceptions import ChildProcessDied, SoftTimeLimitExceeded, TimeLimitExceeded
 from .executor import Executor
 from .job import Outcome
@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from .executor import Call
-    from .job import ClaimedJob
-    from .task import Request
+    from .job import ClaimedJob, Request
 
 logger = logging.getLogger("taskpg.worker")
 CHILD_START_TIMEOUT = 120.0  # seconds a child process may take to import the task modules
@@ -115,10 +114,10 @@ class Child:
                 return outcome
         except (EOFError, OSError, BrokenPipeError):
             self._restart()
-            return executor.conclude(call, exc=ChildProcessDied("the child process running the task died"))
+            return executor.settle(call, exc=ChildProcessDied("the child process running the task died"))
         logger.warning("job %s passed its time_limit of %s s: killing its child process", call.job.id, limit)
         self._restart()
-        return executor.conclude(call, exc=TimeLimitExceeded(f"{call.task.name} ran past its time_limit of {limit} s"))
+        return executor.settle(call, exc=TimeLimitExceeded(f"{call.task.name} ran past its time_limit of {limit} s"))
 
     def _restart(self) -> None:
         self._process.kill()
@@ -155,6 +154,7 @@ def child_main(
             elif isinstance(getattr(value, "tasks", None), TaskRegistry):  # an app whose tasks live elsewhere
                 tasks.update(value.tasks)
     executor = Executor(tasks, worker_id, max_payload)
+    signals.worker_process_init.send(sender=None)
 
     def on_alarm(signum: int, frame: Any) -> None:
         raise SoftTimeLimitExceeded("soft time limit exceeded")

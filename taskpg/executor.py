@@ -9,7 +9,7 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import codec, failures
+from . import codec, failures, hooks
 from .exceptions import (
     ChildProcessDied,
     NotRegistered,
@@ -19,8 +19,8 @@ from .exceptions import (
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
 )
-from .job import ClaimedJob, JobState, Outcome
-from .task import Request, Task, request_context
+from .job import ClaimedJob, JobState, Outcome, Request
+from .task import Task, request_context
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -125,8 +125,10 @@ class Executor:
     def _task(self, job: ClaimedJob) -> Task[Any, Any] | Outcome:
         try:
             return self.tasks[job.task]
-        except NotRegistered:
-            return self.dead(job, "NotRegistered", f"unknown task {job.task!r}: no task of that name is registered")
+        except NotRegistered as exc:
+            message = f"unknown task {job.task!r}: no task of that name is registered"
+            hooks.unknown_task(job.task, job.id, message, exc)
+            return self.dead(job, "NotRegistered", message)
 
     def _signature_mismatch(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> str | None:
         """Why the stored arguments cannot bind to the function (None when they can)."""
@@ -175,34 +177,45 @@ class Executor:
         state = JobState.SCHEDULED if delay > 0 else JobState.AVAILABLE
         return Outcome(job, state, delay=max(0.0, delay), error=error)
 
+    def settle(self, call: Call, result: Any = None, exc: BaseException | None = None) -> Outcome:
+        """``conclude``, then tell the signals what became of the attempt (task_success, task_retry,
+        task_failure, task_postrun)."""
+        outcome = self.conclude(call, result, exc)
+        hooks.after_run(call.task, call.request, outcome, result, exc)
+        return outcome
+
     def run_sync(self, call: Call) -> Outcome:
-        """Call a synchronous task in this thread."""
+        """Call a synchronous task in this thread, through the app's middleware."""
+        hooks.before_run(call.task, call.request)
         try:
             with request_context(call.request):
-                result = call.task.run(call.request.args, call.request.kwargs)
+                result = hooks.sync_chain(call.task)(call.request)
         except (Exception, SystemExit) as exc:
-            return self.conclude(call, exc=exc)
-        return self.conclude(call, result)
+            return self.settle(call, exc=exc)
+        return self.settle(call, result)
 
     async def run_async(self, call: Call, timeout: float | None = None) -> Outcome:
-        """Await an ``async def`` task; past ``timeout`` it is cancelled and the attempt fails."""
+        """Await an ``async def`` task through the app's middleware; past ``timeout`` it is cancelled
+        and the attempt fails."""
+        chain = hooks.async_chain(call.task)
 
         async def task() -> Any:
             try:
-                return await call.task.run(call.request.args, call.request.kwargs)
+                return await chain(call.request)
             except asyncio.TimeoutError as exc:  # the task's own (on 3.11+ the same class as wait_for's)
                 raise _RaisedByTask(exc) from exc
 
+        hooks.before_run(call.task, call.request)
         try:
             with request_context(call.request):
                 result = await asyncio.wait_for(task(), timeout)
         except _RaisedByTask as raised:
-            return self.conclude(call, exc=raised.exc)
+            return self.settle(call, exc=raised.exc)
         except asyncio.TimeoutError:
-            return self.conclude(call, exc=TimeLimitExceeded(f"{call.task.name} ran past {timeout} s"))
+            return self.settle(call, exc=TimeLimitExceeded(f"{call.task.name} ran past {timeout} s"))
         except (Exception, SystemExit) as exc:
-            return self.conclude(call, exc=exc)
-        return self.conclude(call, result)
+            return self.settle(call, exc=exc)
+        return self.settle(call, result)
 
     def is_async(self, call: Call) -> bool:
         """Whether the call's task is an ``async def`` (asked once per task, per job after that)."""

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     import datetime as dt
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 
 class JobState(str, Enum):
@@ -242,3 +242,26 @@ def job_id_sequence() -> Iterator[str]:
     for low in itertools.count(start):
         t = f"{low:016x}"
         yield f"{prefix}{t[:4]}-{t[4:]}"
+
+
+@dataclass
+class Request:
+    """What a bound task (``bind=True``) sees as ``self.request`` while it runs."""
+
+    id: str | None = None
+    task: str | None = None
+    queue: str | None = None
+    attempt: int = 0
+    max_attempts: int = 1
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def retries(self) -> int:
+        """Celery's name: how many times this job was retried before this attempt."""
+        return max(0, self.attempt - 1)
+
+    @classmethod
+    def of(cls, job: ClaimedJob, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Request:
+        """The request of one attempt of a claimed job, with its decoded arguments."""
+        return cls(job.id, job.task, job.queue, job.attempt, job.max_attempts, args, kwargs)

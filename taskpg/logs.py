@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .task import Request
+    from .job import Request
 
 #: Records waiting for the writer; past this many, new ones are dropped (and counted).
 QUEUE_SIZE = 10_000

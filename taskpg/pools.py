@@ -377,7 +377,7 @@ class ThreadPool(RunnerPool):
             running.thread.name,
         )
         exc = TimeLimitExceeded(f"{job.task} ran past its time_limit of {limit} s")
-        self._finished(self.executor.conclude(running.call, exc=exc), running.started)
+        self._finished(self.executor.settle(running.call, exc=exc), running.started)
         self._spawn_runner()
 
     def close(self) -> None:

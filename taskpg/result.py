@@ -7,9 +7,9 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import failures
+from . import failures, signals
 from .exceptions import TaskError, TaskRevoked, TimeoutError
-from .job import FINISHED_STATES, JobRecord, JobState, Status, status_of, validate_job_id
+from .job import FINISHED_STATES, JobRecord, JobState, Request, Status, status_of, validate_job_id
 
 if TYPE_CHECKING:
     from .store import Store
@@ -137,7 +137,14 @@ class AsyncResult:
         """Cancel the job if it has not started; True if it was cancelled by this call."""
         if self.throttled:
             return False
-        return self.app.store.revoke(self.id)
+        revoked = self.app.store.revoke(self.id)
+        if revoked and signals.task_revoked.receivers:
+            request = Request(id=self.id, task=self.task_name)
+            sender = getattr(self.app, "tasks", {}).get(self.task_name) if self.task_name else None
+            signals.task_revoked.send(
+                sender=sender or self.task_name, request=request, terminated=False, signum=None, expired=False
+            )
+        return revoked
 
 
 def _turned_away(job_id: str, task: str | None) -> JobRecord:

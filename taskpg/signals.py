@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("taskpg.signals")
 
 
-
 class Signal:
     """A named hook: ``connect`` receivers, ``send`` to call them all."""
 

@@ -6,14 +6,13 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar
 
-from . import codec, guards
+from . import codec, guards, hooks
 from .connections import caller_connection
 from .enqueue import copy_batch, insert_job, insert_jobs
 from .exceptions import ConfigurationError, NotRegistered, Retry, SerializationError, Snooze
-from .job import ClaimedJob, JobBatch, NewJob, Row, job_id_sequence, new_job_id
+from .job import JobBatch, NewJob, Request, Row, job_id_sequence, new_job_id
 from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
 from .result import AsyncResult
 
@@ -29,35 +28,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-@dataclass
-class Request:
-    """What a bound task (``bind=True``) sees as ``self.request`` while it runs."""
-
-    id: str | None = None
-    task: str | None = None
-    queue: str | None = None
-    attempt: int = 0
-    max_attempts: int = 1
-    args: Sequence[Any] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def retries(self) -> int:
-        """Celery's name: how many times this job was retried before this attempt."""
-        return max(0, self.attempt - 1)
-
-    @classmethod
-    def of(cls, job: ClaimedJob, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Request:
-        """The request of one attempt of a claimed job, with its decoded arguments."""
-        return cls(job.id, job.task, job.queue, job.attempt, job.max_attempts, args, kwargs)
-
-
 class TaskHost(Protocol):
     """What a task needs from its app (``TaskPG`` is one): where and how jobs are written."""
 
     tasks: TaskRegistry
     default_via: str
     max_payload_bytes: int
+    middleware: tuple[Callable[..., Any], ...]
 
     @property
     def store(self) -> Store: ...
@@ -146,13 +123,25 @@ class Task(Generic[P, R]):
         """
         planned = self.build_job(args or (), kwargs, countdown=countdown, eta=eta, queue=queue, priority=priority)
         job, guard = planned.job, planned.guard
-        if self._through_buffer(via, session, connection, guard):
+        buffered = self._through_buffer(via, session, connection, guard)
+        header = self._header(job, buffered, args or (), kwargs or {}) if hooks.publishing() else None
+        if buffered:
             holder: str | None = self.app.buffer.push(job, planned.dedupe_key, self.options.unique_for, guard)
         else:
             holder = insert_job(self._store(session, connection), job, guard, self.app.announce)
+        if header is not None:
+            hooks.after_publish(header, args or (), kwargs or {})
         if holder is None:
             return AsyncResult(self.app, job.id, self.name, throttled=True)
         return AsyncResult(self.app, holder, self.name)
+
+    def _header(self, job: NewJob, buffered: bool, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The publish signals' headers for a job about to be written; sends before_task_publish."""
+        header = hooks.headers(
+            job.id, self.name, job.queue, job.eta, job.countdown, job.priority, "buffer" if buffered else "db"
+        )
+        hooks.before_publish(header, args, kwargs)
+        return header
 
     def _store(self, session: Any, connection: Any) -> Store:
         """The app's store, bound to the caller's connection when one is given."""
@@ -197,6 +186,10 @@ class Task(Generic[P, R]):
 
         planned: list[Planned] = []
 
+        published: list[tuple[dict[str, Any], Sequence[Any], Mapping[str, Any]]] = []
+        buffered = self._through_buffer(via, session, connection, self._sample_guard())
+        hooked = hooks.publishing()
+
         def jobs() -> Iterator[NewJob]:
             for index, call in enumerate(calls):
                 args, kwargs = _split_call(index, call)
@@ -205,17 +198,24 @@ class Task(Generic[P, R]):
                 except SerializationError as exc:
                     raise _item_error(index, exc) from exc
                 planned.append(one)
+                if hooked:
+                    published.append((self._header(one.job, buffered, args, kwargs), args, kwargs))
                 yield one.job
 
-        if self._through_buffer(via, session, connection, self._sample_guard()):
+        if buffered:
             if guarded:
                 list(jobs())
                 unique_for = self.options.unique_for
-                return [self.app.buffer.push(p.job, p.dedupe_key, unique_for, p.guard) for p in planned]
-            self.app.buffer.push_many(jobs())
-            return [p.job.id for p in planned]
-        batch = list(jobs())
-        return insert_jobs(store, batch, [p.guard for p in planned], self.app.announce)
+                ids = [self.app.buffer.push(p.job, p.dedupe_key, unique_for, p.guard) for p in planned]
+            else:
+                self.app.buffer.push_many(jobs())
+                ids = [p.job.id for p in planned]
+        else:
+            batch = list(jobs())
+            ids = insert_jobs(store, batch, [p.guard for p in planned], self.app.announce)
+        for header, args, kwargs in published:
+            hooks.after_publish(header, args, kwargs)
+        return ids
 
     def _copy_many(
         self,
@@ -230,24 +230,51 @@ class Task(Generic[P, R]):
         checked once for the batch, ids are made in bulk, and rows stream into one COPY."""
         _check_timing(countdown, eta)
         ids: list[str | None] = []
+        published: list[tuple[dict[str, Any], Sequence[Any], Mapping[str, Any]]] = []
+        chosen_queue, chosen_priority, delay = self._queue(queue), self._priority(priority), float(countdown or 0.0)
+        make_header = None
+        if hooks.publishing():
+            make_header = functools.partial(
+                hooks.headers,
+                task=self.name,
+                queue=chosen_queue,
+                eta=eta,
+                countdown=delay,
+                priority=chosen_priority,
+                via="db",
+            )
         batch = JobBatch(
             task=self.name,
-            queue=self._queue(queue),
-            priority=self._priority(priority),
+            queue=chosen_queue,
+            priority=chosen_priority,
             max_attempts=self.options.max_attempts,
-            rows=self._rows(calls, ids),
+            rows=self._rows(calls, ids, published, make_header),
             eta=eta,
-            countdown=float(countdown or 0.0),
+            countdown=delay,
         )
         copy_batch(store, batch, self.app.announce)
+        for sent, args, kwargs in published:
+            hooks.after_publish(sent, args, kwargs)
         return ids
 
-    def _rows(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]], ids: list[str | None]) -> Iterator[Row]:
-        """(id, args JSON, kwargs JSON) per call, recording each id in ``ids`` as it is made."""
+    def _rows(
+        self,
+        calls: Iterable[Sequence[Any] | Mapping[str, Any]],
+        ids: list[str | None],
+        published: list[tuple[dict[str, Any], Sequence[Any], Mapping[str, Any]]],
+        batch: Callable[[str], dict[str, Any]] | None,
+    ) -> Iterator[Row]:
+        """(id, args JSON, kwargs JSON) per call, recording each id in ``ids`` as it is made (and, with
+        publish signals connected, sending before_task_publish: ``batch`` makes a job's headers)."""
         index = 0
         try:
             for index, (call, job_id) in enumerate(zip(calls, job_id_sequence(), strict=False)):
-                args_json, kwargs_json = self._encode(*_split_call(index, call))
+                args, kwargs = _split_call(index, call)
+                args_json, kwargs_json = self._encode(args, kwargs)
+                if batch is not None:
+                    header = batch(job_id)
+                    hooks.before_publish(header, args, kwargs)
+                    published.append((header, args, kwargs))
                 ids.append(job_id)
                 yield job_id, args_json, kwargs_json
         except SerializationError as exc:

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import signals
 from .completer import Completer, write_outcomes
 from .connections import reconnecting
 from .executor import Executor
@@ -205,6 +206,7 @@ class Worker:
         """Work until stopped; returns 0 after a clean stop, 1 if running jobs had to be put back."""
         s = self.settings
         self.store.check_schema()
+        signals.worker_init.send(sender=self)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -239,6 +241,7 @@ class Worker:
             "worker %s ready: queues=%s concurrency=%d pool=%s", self.id, ",".join(s.queues), s.concurrency, s.pool
         )
         self.started.set()
+        signals.worker_ready.send(sender=self)
         try:
             self._fetch_loop()
         finally:
@@ -412,6 +415,7 @@ class Worker:
         self.pool.close()
         self._claims.close()
         logger.info("worker %s stopped", self.id)
+        signals.worker_shutdown.send(sender=self)
         return code
 
     def _write_directly(self, outcomes: list[Outcome]) -> None:

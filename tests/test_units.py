@@ -43,6 +43,7 @@ from taskpg.job import (
     JobState,
     NewJob,
     Outcome,
+    Request,
     Status,
     job_id_sequence,
     new_job_id,
@@ -56,12 +57,12 @@ from taskpg.rates import Rate, parse_duration, parse_rate
 from taskpg.retry import DEFAULT_RETRY_DELAY, RetryPolicy
 from taskpg.schema import build_metadata, validate_schema_name
 from taskpg.store import RateSlot, outcomes_json
-from taskpg.task import Request, Task
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from taskpg.limiter import RateBackend
+    from taskpg.task import Task
 
 NOWHERE = "postgresql://nowhere/none"
 UTC = dt.timezone.utc
