@@ -7,11 +7,12 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import deadletter, durability, logs, migrate, ops
+from . import deadletter, durability, logs, metrics, migrate, ops
 from .app import TaskPG
 from .beat import Beat, describe_schedules
 from .dsn import redact
@@ -109,6 +110,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         modules=[module],
         flush_buffer=not args.no_flush,
         time_limit_pool=args.time_limit_pool,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     if not args.beat:
         return Worker(app, settings).run()
@@ -120,6 +123,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         beat.stop()
         thread.join(10)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Serve the queue depths (read from Postgres at each scrape) until interrupted."""
+    app = app_from_args(args)
+    app.store.check_schema()
+    server = metrics.serve(lambda: metrics.queue_metrics(app.store.queue_depths()), args.host, args.port)
+    print(f"serving the queues of schema {app.schema!r} at http://{args.host}:{args.port}/metrics", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -302,7 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--beat", action="store_true", help="also run the periodic scheduler in this process")
     worker.add_argument("--no-flush", action="store_true", help="do not run the Redis buffer flusher here")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics of this worker at :PORT/metrics")
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics listen on (default: loopback)")
     worker.set_defaults(func=cmd_worker)
+
+    served = sub.add_parser("metrics", parents=[common], help="serve the queues' depths as Prometheus metrics")
+    served.add_argument("--port", type=int, default=9808, help="default: 9808")
+    served.add_argument("--host", default="127.0.0.1", help="default: loopback; 0.0.0.0 for every address")
+    served.set_defaults(func=cmd_metrics)
 
     beat = sub.add_parser("beat", parents=[common], help="enqueue periodic jobs, exactly once per tick")
     beat.add_argument("--list", action="store_true", help="show the schedules with their last and next ticks")

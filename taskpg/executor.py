@@ -9,7 +9,7 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import codec, failures, hooks
+from . import codec, failures, hooks, signals
 from .exceptions import (
     ChildProcessDied,
     NotRegistered,
@@ -181,15 +181,21 @@ class Executor:
         """``conclude``, then tell the signals what became of the attempt (task_success, task_retry,
         task_failure, task_postrun)."""
         outcome = self.conclude(call, result, exc)
-        hooks.after_run(call.task, call.request, outcome, result, exc)
+        if hooks.watching_runs():
+            hooks.after_run(call.task, call.request, outcome, result, exc)
         return outcome
 
     def run_sync(self, call: Call) -> Outcome:
         """Call a synchronous task in this thread, through the app's middleware."""
-        hooks.before_run(call.task, call.request)
+        task, request = call.task, call.request
+        if signals.task_prerun.receivers:
+            hooks.before_run(task, request)
         try:
-            with request_context(call.request):
-                result = hooks.sync_chain(call.task)(call.request)
+            with request_context(request):
+                if task.app.middleware:
+                    result = hooks.sync_chain(task)(request)
+                else:
+                    result = task.run(request.args, request.kwargs)
         except (Exception, SystemExit) as exc:
             return self.settle(call, exc=exc)
         return self.settle(call, result)
@@ -205,7 +211,8 @@ class Executor:
             except asyncio.TimeoutError as exc:  # the task's own (on 3.11+ the same class as wait_for's)
                 raise _RaisedByTask(exc) from exc
 
-        hooks.before_run(call.task, call.request)
+        if signals.task_prerun.receivers:
+            hooks.before_run(call.task, call.request)
         try:
             with request_context(call.request):
                 result = await asyncio.wait_for(task(), timeout)

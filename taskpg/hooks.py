@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import traceback
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -57,27 +58,37 @@ def _middleware(task: Hooked) -> Sequence[Any]:
     return getattr(task.app, "middleware", ())
 
 
+#: task -> its call through the middleware (an app's middleware is fixed when the app is made).
+_chains: weakref.WeakKeyDictionary[Any, Callable[[Any], Any]] = weakref.WeakKeyDictionary()
+
+
 def sync_chain(task: Hooked) -> Callable[[Any], Any]:
-    """The call of a plain task through the app's plain middleware."""
+    """The call of a plain task through the app's plain middleware (built once per task)."""
+    chain = _chains.get(task)
+    if chain is None:
 
-    def innermost(request: Any) -> Any:
-        return task.run(request.args, request.kwargs)
+        def innermost(request: Any) -> Any:
+            return task.run(request.args, request.kwargs)
 
-    chain: Callable[[Any], Any] = innermost
-    for middleware in reversed([m for m in _middleware(task) if not _is_async(m)]):
-        chain = functools.partial(middleware, chain)
+        chain = innermost
+        for middleware in reversed([m for m in _middleware(task) if not _is_async(m)]):
+            chain = functools.partial(middleware, chain)
+        _chains[task] = chain
     return chain
 
 
 def async_chain(task: Hooked) -> Callable[[Any], Awaitable[Any]]:
-    """The call of an ``async def`` task through all the app's middleware."""
+    """The call of an ``async def`` task through the app's ``async def`` middleware (built once per task)."""
+    chain = _chains.get(task)
+    if chain is None:
 
-    async def innermost(request: Any) -> Any:
-        return await task.run(request.args, request.kwargs)
+        async def innermost(request: Any) -> Any:
+            return await task.run(request.args, request.kwargs)
 
-    chain: Callable[[Any], Awaitable[Any]] = innermost
-    for middleware in reversed([m for m in _middleware(task) if _is_async(m)]):
-        chain = functools.partial(middleware, chain)
+        chain = innermost
+        for middleware in reversed([m for m in _middleware(task) if _is_async(m)]):
+            chain = functools.partial(middleware, chain)
+        _chains[task] = chain
     return chain
 
 
@@ -92,19 +103,22 @@ def _is_async(middleware: Any) -> bool:
 
 
 def before_run(task: Hooked, request: Any) -> None:
-    if signals.task_prerun.receivers:
-        signals.task_prerun.send(sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs)
+    """task_prerun (the executor calls it only when a receiver is connected)."""
+    signals.task_prerun.send(sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs)
 
 
-def after_run(task: Hooked, request: Any, outcome: Outcome, result: Any, exc: BaseException | None) -> None:
-    """task_success / task_retry / task_failure for the attempt's outcome, then task_postrun."""
-    if not (
+def watching_runs() -> bool:
+    """Whether a receiver waits for what became of an attempt (then ``after_run`` has work)."""
+    return (
         signals.task_postrun.receivers
         or signals.task_success.receivers
         or signals.task_failure.receivers
         or signals.task_retry.receivers
-    ):
-        return
+    )
+
+
+def after_run(task: Hooked, request: Any, outcome: Outcome, result: Any, exc: BaseException | None) -> None:
+    """task_success / task_retry / task_failure for the attempt's outcome, then task_postrun."""
     state = JobState(outcome.state)
     if state == JobState.SUCCEEDED:
         signals.task_success.send(sender=task, result=result)

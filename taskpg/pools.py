@@ -60,6 +60,8 @@ class PoolSetup:
     on_dropped: Callable[[ClaimedJob], None] = lambda job: None  # told about a job not started for that
     #: Told as each job starts (the start log; it blocks for a suspect job until its start is written).
     on_start: Callable[[ClaimedJob], None] = lambda job: None
+    #: Told each outcome and how long the attempt ran (None: it never ran); the worker's metrics.
+    on_finished: Callable[[Outcome, float | None], None] | None = None
     #: Run the calls of tasks that declare a ``time_limit`` in child processes (needs ``modules``), so
     #: that the hard limit really stops them (children.py), and suspect jobs (rescued before), so that
     #: one that kills its process takes no other job along. Off: they run in the pool like the others.
@@ -128,7 +130,10 @@ class Pool:
         if started is not None:
             self._time_run(time.monotonic() - started)
         if outcome is not None:
-            log_outcome(outcome, None if started is None else time.monotonic() - started)
+            seconds = None if started is None else time.monotonic() - started
+            log_outcome(outcome, seconds)
+            if self._setup.on_finished is not None:
+                self._setup.on_finished(outcome, seconds)
             self._on_outcome(outcome)
         with self._lock:
             self._in_flight -= 1
@@ -493,7 +498,16 @@ async def _make_queue() -> asyncio.Queue[ClaimedJob | None]:
 def log_outcome(outcome: Outcome, seconds: float | None) -> None:
     """One line per finished attempt (``seconds`` is None for a job that never ran): success at INFO,
     a retry at WARNING and a dead job at ERROR, both with the error, a dead job with its traceback."""
-    job, error = outcome.job, outcome.error or {}
+    error = outcome.error
+    if outcome.state == JobState.DEAD:
+        level = logging.ERROR
+    elif error and not outcome.refund:
+        level = logging.WARNING
+    else:
+        level = logging.DEBUG if seconds is None else logging.INFO
+    if not logger.isEnabledFor(level):  # the common case at the default level: no line, no formatting
+        return
+    job, error = outcome.job, error or {}
     took = "without running" if seconds is None else f"in {seconds * 1000:.1f} ms"
     where = f"job {job.id} {job.task} attempt {job.attempt}"
     failure = f"{error.get('type')}: {error.get('message')}" if error else ""

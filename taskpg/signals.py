@@ -29,15 +29,13 @@ class Signal:
         #: The named arguments each send passes (besides ``sender``), as documented.
         self.arguments = arguments
         self._receivers: list[tuple[Callable[..., Any], Any]] = []
+        #: Whether any receiver is connected (senders skip building arguments when none is): a plain
+        #: attribute, kept up to date by connect/disconnect, so that the test costs one attribute read.
+        self.receivers = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Signal {self.name}>"
-
-    @property
-    def receivers(self) -> bool:
-        """Whether any receiver is connected (senders skip building arguments when none is)."""
-        return bool(self._receivers)
 
     @overload
     def connect(self, receiver: Callable[..., Any], *, sender: Any = None) -> Callable[..., Any]: ...
@@ -55,6 +53,7 @@ class Signal:
             with self._lock:
                 if (fn, sender) not in self._receivers:
                     self._receivers = [*self._receivers, (fn, sender)]
+                    self.receivers = True
             return fn
 
         return add if receiver is None else add(receiver)
@@ -65,6 +64,7 @@ class Signal:
             kept = [entry for entry in self._receivers if entry != (receiver, sender)]
             found = len(kept) != len(self._receivers)
             self._receivers = kept
+            self.receivers = bool(kept)
         return found
 
     def send(self, sender: Any = None, **named: Any) -> list[tuple[Callable[..., Any], Any]]:

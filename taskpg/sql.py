@@ -523,6 +523,19 @@ LEFT JOIN LATERAL (SELECT detected_at, list_name, cause FROM {buffer_losses} ORD
     ON true
 """
 
+# Queue depths for metrics: one branch per state, each matching a partial index's predicate (claim,
+# scheduled, running, finished), so only the rows in that state are read, never the whole table.
+QUEUE_DEPTHS = """
+SELECT queue, 'available', count(*), EXTRACT(EPOCH FROM now() - min(run_at))::float8
+FROM {jobs} WHERE state = 'available' GROUP BY queue
+UNION ALL
+SELECT queue, 'scheduled', count(*), NULL FROM {jobs} WHERE state = 'scheduled' GROUP BY queue
+UNION ALL
+SELECT queue, 'running', count(*), NULL FROM {jobs} WHERE state = 'running' GROUP BY queue
+UNION ALL
+SELECT queue, 'dead', count(*), NULL FROM {jobs} WHERE state = 'dead' GROUP BY queue
+"""
+
 JOB_COUNTS = """
 SELECT queue, state, count(*) FROM {jobs} GROUP BY queue, state ORDER BY queue, state
 """
@@ -616,6 +629,7 @@ class Queries:
         self.record_buffer_loss = self._render(RECORD_BUFFER_LOSS)
         self.buffer_losses = self._render(BUFFER_LOSSES)
         self.job_counts = self._render(JOB_COUNTS)
+        self.queue_depths = self._render(QUEUE_DEPTHS)
         self.list_workers = self._render(LIST_WORKERS)
         self.dead_list = self._render(DEAD_LIST)
         self.dead_retry = self._render(DEAD_RETRY)

@@ -169,6 +169,16 @@ class LimitCounts:
 
 
 @dataclass(frozen=True)
+class QueueDepth:
+    """How many jobs of a queue are in a state; for ``available``, how long the oldest has been due."""
+
+    queue: str
+    state: str
+    count: int
+    oldest_seconds: float | None
+
+
+@dataclass(frozen=True)
 class BufferLosses:
     """Envelopes the buffer's Redis lost, as flushers saw them: the least total, in how many events, the latest."""
 
@@ -591,6 +601,10 @@ class Store:
         for queue, state, count in self._all(self.q.job_counts):
             counts.setdefault(queue, {})[state] = int(count)
         return counts
+
+    def queue_depths(self) -> list[QueueDepth]:
+        """Jobs per queue in the states metrics report (each read through its partial index)."""
+        return [QueueDepth(q, s, int(n), age) for q, s, n, age in self._all(self.q.queue_depths)]
 
     def record_buffer_loss(self, list_name: str, lost: int, cause: str) -> None:
         self._count(self.q.record_buffer_loss, {"list_name": list_name, "lost": lost, "cause": cause})

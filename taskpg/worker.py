@@ -33,6 +33,8 @@ from .heartbeat import Heartbeat
 from .job import JobState
 from .limiter import RateLimiter
 from .listener import Listener
+from .metrics import WorkerMetrics
+from .metrics import serve as serve_metrics
 from .options import validate_queue_name
 from .pools import POOL_CHOICES, AsyncPool, Pool, PoolSetup, ThreadPool
 from .processes import ProcessPool
@@ -42,6 +44,7 @@ from .store import WorkerInfo
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from http.server import ThreadingHTTPServer
     from types import FrameType
 
     from .job import ClaimedJob, Outcome
@@ -82,6 +85,9 @@ class WorkerSettings:
     #: process, killed at the limit, so the limit is exact; needs ``modules``) or "threads" (in the pool,
     #: where a hard limit fails the attempt but cannot stop the function).
     time_limit_pool: str = "processes"
+    #: Serve Prometheus metrics of this worker on this port (``GET /metrics``); None: no metrics.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         self.queues = [validate_queue_name(q) for q in self.queues]
@@ -138,6 +144,8 @@ class Worker:
         self.pool: Pool | None = None
         self.started = threading.Event()
         self.listener = Listener(self.store, self.settings.queues, self._wake_for_work, self._stop)
+        self.metrics = None if self.settings.metrics_port is None else WorkerMetrics(self._running, self._prefetched)
+        self._metrics_server: ThreadingHTTPServer | None = None
         self.stager = Stager(self.store, self.settings.stage_interval, self._wake_for_work, self._stop)
         self.start_log = StartLog(self.store, self.id, stop_event=self._stop)  # what rescue charges an attempt to
         self.broken: list[str] = []  # background loops that died or got stuck: the worker stops, exit code 1
@@ -222,7 +230,8 @@ class Worker:
             lease_held=self.store.lease_held,
             stale_after=s.rescue_after / 2,
             on_dropped=self._drop,
-            on_start=self.start_log.job_started,
+            on_start=self._job_started,
+            on_finished=None if self.metrics is None else self.metrics.job_finished,
             time_limits_in_children=self._time_limits_in_children(),
         )
         self.pool = make_pool(s.pool, setup)
@@ -240,6 +249,9 @@ class Worker:
         logger.info(
             "worker %s ready: queues=%s concurrency=%d pool=%s", self.id, ",".join(s.queues), s.concurrency, s.pool
         )
+        if self.metrics is not None and s.metrics_port is not None:
+            self._metrics_server = serve_metrics(self.metrics.render, s.metrics_host, s.metrics_port)
+            logger.info("worker %s serves metrics at http://%s:%d/metrics", self.id, s.metrics_host, s.metrics_port)
         self.started.set()
         signals.worker_ready.send(sender=self)
         try:
@@ -362,6 +374,17 @@ class Worker:
         self.start_log.jobs_finished([outcome.job.id])
         self.completer.add(outcome)
 
+    def _job_started(self, job: ClaimedJob) -> None:
+        self.start_log.job_started(job)
+        if self.metrics is not None:
+            self.metrics.job_started(job)
+
+    def _running(self) -> int:
+        return 0 if self.pool is None else len(self.pool.running())
+
+    def _prefetched(self) -> int:
+        return 0 if self.pool is None else max(0, self.pool.in_flight() - self._running())
+
     def _drop(self, job: ClaimedJob) -> None:
         """A buffered job turned out to be rescued elsewhere: it is not this worker's any more."""
         with self._held_lock:
@@ -414,6 +437,9 @@ class Worker:
             code = 1
         self.pool.close()
         self._claims.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         logger.info("worker %s stopped", self.id)
         signals.worker_shutdown.send(sender=self)
         return code

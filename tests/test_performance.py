@@ -102,3 +102,23 @@ def test_stager_and_finish_use_their_indexes(app: TaskPG, db: psycopg.Connection
     )
     # One primary-key lookup per outcome, never a walk over every running job or the table.
     assert "jobs_pkey" in finish and "jobs_running_idx" not in finish and '"Node Type": "Seq Scan"' not in finish
+
+
+def test_queue_depths_read_only_the_rows_of_each_state(app: TaskPG, db: psycopg.Connection) -> None:
+    """Metrics scrape it every few seconds: on a table of mostly finished jobs, never a whole-table scan."""
+    db.execute(
+        f'INSERT INTO "{app.schema}".jobs (id, task, queue, state, run_at, finished_at) '
+        "SELECT gen_random_uuid(), 't', 'q' || (n % 5), s.state, now(), "
+        "CASE WHEN s.state IN ('succeeded', 'dead') THEN now() END "
+        "FROM generate_series(1, 60000) AS n, (VALUES ('succeeded')) AS s(state) "
+        "UNION ALL SELECT gen_random_uuid(), 't', 'q1', s.state, now(), "
+        "CASE WHEN s.state = 'dead' THEN now() END "
+        "FROM generate_series(1, 200), (VALUES ('available'), ('scheduled'), ('running'), ('dead')) AS s(state)"
+    )
+    db.execute(f'ANALYZE "{app.schema}".jobs')
+    text = plan(db, app.store.q.queue_depths, {})
+    assert '"Node Type": "Seq Scan"' not in text, text
+    for index in ("jobs_claim_idx", "jobs_scheduled_idx", "jobs_running_idx", "jobs_finished_idx"):
+        assert index in text, (index, text)
+    depths = {(d.queue, d.state): d.count for d in app.store.queue_depths()}
+    assert depths == {("q1", s): 200 for s in ("available", "scheduled", "running", "dead")}

@@ -93,3 +93,10 @@ def chatty(self: Any, n: int) -> int:
     library.info("third-party info %d", n)
     library.warning("third-party warning %d", n)
     return n
+
+
+@app.task(bind=True, autoretry_for=(ConnectionError,), max_retries=2, retry_backoff=0.05, retry_jitter=False)
+def unreachable(self: Any, n: int) -> None:
+    """Always fails with an error it retries: three attempts, then dead."""
+    _record_execution(self, n)
+    raise ConnectionError(f"unreachable {n}")
