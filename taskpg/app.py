@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import codec, embedded, migrate
+from . import events as events_module
 from .buffer import BufferProducer, buffer_key
 from .connections import Connections
 from .dsn import configured_dsn
@@ -29,7 +30,10 @@ from .store import Store
 from .task import Task, TaskRegistry
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from .enqueue import Announce
+    from .events import JobEvent
 
 logger = logging.getLogger("taskpg")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,6 +66,7 @@ class TaskPG:
         notify_debounce: float | None = None,
         buffer_lists: Sequence[str] | None = None,
         middleware: Sequence[Callable[..., Any]] = (),
+        events: bool | None = None,
     ) -> None:
         self.schema = validate_schema_name(schema or os.environ.get("TASKPG_SCHEMA") or DEFAULT_SCHEMA)
         self.default_queue = validate_queue_name(default_queue, "default_queue")
@@ -76,6 +81,8 @@ class TaskPG:
             raise ConfigurationError("default_via='buffer' needs redis_url= (or TASKPG_REDIS_URL)")
         self.default_via = default_via
         self.notify_debounce = _debounce(notify_debounce)
+        #: Publish job events (enqueued here; started and finished by this app's workers): events.py.
+        self.send_events = events if events is not None else os.environ.get("TASKPG_EVENTS", "") in ("1", "true", "yes")
         self._notifier: Notifier | None = None
         self._buffer: BufferProducer | None = None
         self._buffer_lists = _list_names(buffer_lists, os.environ.get("TASKPG_BUFFER_LISTS"))
@@ -281,6 +288,19 @@ class TaskPG:
     def AsyncResult(self, id: str) -> AsyncResult:
         """A handle for an existing job id."""
         return AsyncResult(self, str(id))
+
+    def events(
+        self,
+        queues: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+        timeout: float | None = None,
+        on_listening: Callable[[], None] | None = None,
+    ) -> Iterator[JobEvent]:
+        """Yield job events (enqueued, started, succeeded, failed, retried, snoozed, dead) as apps with
+        ``events=True`` and their workers publish them, from LISTEN on a connection of its own; only
+        those of ``queues`` and ``types`` if given. Ends after ``timeout`` seconds without an event
+        (never, by default). ``on_listening`` is called once LISTEN is active."""
+        return events_module.listen(self.store, queues, types, timeout, on_listening)
 
 
 def _debounce(value: float | None) -> float | None:

@@ -112,6 +112,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_limit_pool=args.time_limit_pool,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        events=args.events,
     )
     if not args.beat:
         return Worker(app, settings).run()
@@ -123,6 +124,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         beat.stop()
         thread.join(10)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Print job events until interrupted (apps and workers publish them with events=True / -E)."""
+    app = app_from_args(args)
+    app.store.check_schema()
+
+    def split(text: str | None) -> list[str] | None:
+        return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+    def ready() -> None:
+        print(f"listening for job events of schema {app.schema!r}", flush=True)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        for event in app.events(split(args.queues), split(args.types), on_listening=ready):
+            print(json.dumps(dataclasses.asdict(event)), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
@@ -323,9 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--beat", action="store_true", help="also run the periodic scheduler in this process")
     worker.add_argument("--no-flush", action="store_true", help="do not run the Redis buffer flusher here")
+    worker.add_argument(
+        "-E", "--events", action="store_true", help="publish job events (started, outcomes) for `taskpg events`"
+    )
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics of this worker at :PORT/metrics")
     worker.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics listen on (default: loopback)")
     worker.set_defaults(func=cmd_worker)
+
+    watch = sub.add_parser("events", parents=[common], help="print job events as JSON lines as they happen")
+    watch.add_argument("-Q", "--queues", help="only these queues (comma-separated)")
+    watch.add_argument("--types", help="only these event types (comma-separated)")
+    watch.set_defaults(func=cmd_events)
 
     served = sub.add_parser("metrics", parents=[common], help="serve the queues' depths as Prometheus metrics")
     served.add_argument("--port", type=int, default=9808, help="default: 9808")

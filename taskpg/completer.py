@@ -38,10 +38,14 @@ class Completer(BackgroundLoop):
         tasks: Mapping[str, Task[Any, Any]],
         max_batch: int = 1000,
         on_written: Callable[[list[Outcome]], None] = lambda batch: None,
+        on_applied: Callable[[list[Outcome]], None] = lambda applied: None,
     ) -> None:
         super().__init__("completer", store, connection="completer")
         self.tasks = tasks
         self.on_written = on_written  # told once a batch is in the database
+        #: Told the outcomes that changed their job (lease still held), as written: a refused outcome's
+        #: OutcomeNotStorable replacement instead of it.
+        self.on_applied = on_applied
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._batch: list[Outcome] | None = None  # the batch in hand (kept across a failed write)
@@ -98,7 +102,8 @@ class Completer(BackgroundLoop):
             return 0.0
         self._batch = batch
         try:
-            write_outcomes(self.own, batch, self.tasks)
+            changed = set(write_outcomes(self.own, batch, self.tasks))
+            applied = [outcome for outcome in batch if outcome.job.id in changed]
         except Exception as exc:
             if not refuses_value(exc):
                 # A failed session (lost connection, read-only server...) or anything unknown: never "this
@@ -106,8 +111,7 @@ class Completer(BackgroundLoop):
                 # outcomes already written are fenced by their lease, so writing them again changes nothing.
                 raise
             logger.error("a batch of outcomes was refused (%s); writing them one by one", exc)
-            for outcome in batch:
-                self._write_alone(outcome)
+            applied = [written for outcome in batch if (written := self._write_alone(outcome)) is not None]
         self._batch = None
         with self._lock:
             self._pending -= len(batch)
@@ -115,6 +119,7 @@ class Completer(BackgroundLoop):
                 self._idle.set()
         self.signals.emit("written")
         self.on_written(batch)
+        self.on_applied(applied)
         return 0.0
 
     def _take(self) -> list[Outcome] | None:
@@ -134,15 +139,18 @@ class Completer(BackgroundLoop):
             batch.append(item)
         return batch
 
-    def _write_alone(self, outcome: Outcome) -> None:
+    def _write_alone(self, outcome: Outcome) -> Outcome | None:
+        """Write one outcome (or, if Postgres refuses it, its OutcomeNotStorable replacement); returns
+        what changed the job, None when its lease was lost."""
         try:
-            write_outcomes(self.own, [outcome], self.tasks)
+            written = outcome if write_outcomes(self.own, [outcome], self.tasks) else None
         except Exception as exc:
             if not refuses_value(exc):
                 raise  # the whole batch is tried again after the backoff
             logger.error("job %s: outcome refused by Postgres (%s); recording it as dead", outcome.job.id, exc)
             replacement = self._refused(outcome, exc)
-            write_outcomes(self.own, [replacement], self.tasks)
+            written = replacement if write_outcomes(self.own, [replacement], self.tasks) else None
+        return written
 
     @staticmethod
     def _refused(outcome: Outcome, exc: Exception) -> Outcome:

@@ -53,9 +53,12 @@ SESSION_CLASSES = frozenset({"08", "25", "40", "53", "55", "57", "58"})
 
 
 def refuses_value(exc: BaseException) -> bool:
-    """Postgres refused the statement for a value in it (bad data, a constraint, a size limit)."""
+    """Postgres refused the statement for a value in it (bad data, a constraint, a size limit). A full
+    NOTIFY queue is SQLSTATE 54000 too, raised at commit, but it is the server's limit: not a value's."""
     state = getattr(exc, "sqlstate", None) if isinstance(exc, psycopg.Error) else None
-    return state is not None and state[:2] in VALUE_REFUSED_CLASSES
+    if state is None or state[:2] not in VALUE_REFUSED_CLASSES:
+        return False
+    return not (state == "54000" and "notify queue" in str(exc).lower())
 
 
 def needs_reconnect(exc: BaseException) -> bool:

@@ -75,8 +75,10 @@ class LossWatch:
     _redis: dict[str, int] = field(default_factory=dict)  # run_id hash and evicted_keys at the last look
 
     def reset(self) -> None:
-        """Forget what was seen (the lock changed hands: another flusher may have moved envelopes)."""
+        """Forget what was seen (the lock changed hands, or a move's reply was lost: envelopes may have
+        moved without this flusher counting them). Redis' vitals are read again at the next look."""
         self._floor = None
+        self._redis = {}
 
     def moved(self, index: int, count: int) -> None:
         """This flusher took ``count`` envelopes from list ``index``."""
@@ -99,15 +101,20 @@ class LossWatch:
         return losses
 
     def lock_vanished(self, client: Any) -> list[Loss]:
-        """The buffer's lock is gone and nobody holds it: Redis dropped keys; the envelopes last seen
-        in the lists are lost unless they are still there."""
+        """The buffer's lock is gone and nobody holds it. If Redis restarted or evicted keys meanwhile,
+        the envelopes last seen in the lists are lost unless they are still there; otherwise the lock
+        simply expired (a long pause), and another flusher may have moved envelopes: nothing is told."""
         if self._floor is None:
             return []
         with client.pipeline(transaction=False) as pipe:
             for key in self.lists:
                 pipe.llen(key)
             lengths = [int(n) for n in pipe.execute()]
-        losses = self.seen(lengths, client)
+        before, now = self._redis, _vitals(client)
+        dropped_keys = before.get("run_id") != now.get("run_id") or now.get("evicted_keys", 0) > before.get(
+            "evicted_keys", 0
+        )
+        losses = self.seen(lengths, client) if dropped_keys else []
         self.reset()
         return losses
 

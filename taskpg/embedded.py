@@ -182,11 +182,17 @@ class LocalCluster:
     def start(self) -> str:
         """initdb once, then start; safe to call from several processes at once. Returns the DSN."""
         self.pgdata.mkdir(parents=True, exist_ok=True)
+        if self.pgdata.is_symlink():  # as root, chown/chmod would follow it to wherever it points
+            raise ConfigurationError(
+                f"{self.pgdata} is a symbolic link: the embedded Postgres' data must be a real folder"
+            )
         if self.owner is not None:
-            shutil.chown(self.pgdata, self.owner)
-            self.pgdata.chmod(0o700)
+            owner = pwd.getpwnam(self.owner)
+            os.chown(self.pgdata, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+            os.chmod(self.pgdata, 0o700, follow_symlinks=False)
             self._check_reachable()
-        with open(self.pgdata.parent / "embedded.lock", "w") as lock:
+        lock_fd = os.open(self.pgdata.parent / "embedded.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(lock_fd, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (self.pgdata / "PG_VERSION").exists():
                 logger.warning("taskpg: creating an embedded Postgres cluster in %s", self.pgdata)

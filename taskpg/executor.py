@@ -38,6 +38,15 @@ class Call:
     request: Request
 
 
+@dataclass(frozen=True)
+class Ran:
+    """One attempt's outcome and what the task returned or raised (for the signals ``tell`` sends)."""
+
+    outcome: Outcome
+    result: Any = None
+    exc: BaseException | None = None
+
+
 class _RaisedByTask(Exception):
     """Carries a TimeoutError the task raised itself past ``wait_for``, which raises the same class."""
 
@@ -178,15 +187,23 @@ class Executor:
         return Outcome(job, state, delay=max(0.0, delay), error=error)
 
     def settle(self, call: Call, result: Any = None, exc: BaseException | None = None) -> Outcome:
-        """``conclude``, then tell the signals what became of the attempt (task_success, task_retry,
-        task_failure, task_postrun)."""
-        outcome = self.conclude(call, result, exc)
+        """``conclude``, then tell the signals what became of the attempt."""
+        return self.tell(call, Ran(self.conclude(call, result, exc), result, exc))
+
+    def tell(self, call: Call, ran: Ran) -> Outcome:
+        """Send the signals of a finished attempt (task_success, task_retry, task_failure, task_postrun);
+        returns its outcome. Pools call it once they keep the outcome (not for an abandoned thread's)."""
         if hooks.watching_runs():
-            hooks.after_run(call.task, call.request, outcome, result, exc)
-        return outcome
+            hooks.after_run(call.task, call.request, ran.outcome, ran.result, ran.exc)
+        return ran.outcome
 
     def run_sync(self, call: Call) -> Outcome:
-        """Call a synchronous task in this thread, through the app's middleware."""
+        """Call a synchronous task in this thread, through the app's middleware, and tell the signals."""
+        return self.tell(call, self.attempt_sync(call))
+
+    def attempt_sync(self, call: Call) -> Ran:
+        """Call a synchronous task in this thread (task_prerun first); the signals of its outcome are
+        left to ``tell``."""
         task, request = call.task, call.request
         if signals.task_prerun.receivers:
             hooks.before_run(task, request)
@@ -197,12 +214,16 @@ class Executor:
                 else:
                     result = task.run(request.args, request.kwargs)
         except (Exception, SystemExit) as exc:
-            return self.settle(call, exc=exc)
-        return self.settle(call, result)
+            return Ran(self.conclude(call, exc=exc), exc=exc)
+        return Ran(self.conclude(call, result), result)
 
     async def run_async(self, call: Call, timeout: float | None = None) -> Outcome:
+        """Await an ``async def`` task through the app's middleware, and tell the signals."""
+        return self.tell(call, await self.attempt_async(call, timeout))
+
+    async def attempt_async(self, call: Call, timeout: float | None = None) -> Ran:
         """Await an ``async def`` task through the app's middleware; past ``timeout`` it is cancelled
-        and the attempt fails."""
+        and the attempt fails. The signals of its outcome are left to ``tell``."""
         chain = hooks.async_chain(call.task)
 
         async def task() -> Any:
@@ -217,12 +238,13 @@ class Executor:
             with request_context(call.request):
                 result = await asyncio.wait_for(task(), timeout)
         except _RaisedByTask as raised:
-            return self.settle(call, exc=raised.exc)
+            return Ran(self.conclude(call, exc=raised.exc), exc=raised.exc)
         except asyncio.TimeoutError:
-            return self.settle(call, exc=TimeLimitExceeded(f"{call.task.name} ran past {timeout} s"))
+            limit_exc = TimeLimitExceeded(f"{call.task.name} ran past {timeout} s")
+            return Ran(self.conclude(call, exc=limit_exc), exc=limit_exc)
         except (Exception, SystemExit) as exc:
-            return self.settle(call, exc=exc)
-        return self.settle(call, result)
+            return Ran(self.conclude(call, exc=exc), exc=exc)
+        return Ran(self.conclude(call, result), result)
 
     def is_async(self, call: Call) -> bool:
         """Whether the call's task is an ``async def`` (asked once per task, per job after that)."""

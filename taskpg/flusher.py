@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import durability, envelope
+from . import durability, envelope, events
 from .connections import needs_reconnect, reconnecting, redis_client, redis_errors, refuses_value
 from .enqueue import insert_staged
+from .events import JobEvent
 from .exceptions import DatabaseUnavailable
 from .job import NewJob
 from .loops import BackgroundLoop
@@ -116,6 +117,7 @@ class Flusher(BackgroundLoop):
             raise ValueError("the flusher needs an app with redis_url=")
         super().__init__("flusher", app.store)
         self.tasks = app.tasks
+        self.send_events = getattr(app, "send_events", False)
         self.max_payload_bytes = app.max_payload_bytes
         self.batch_size = batch_size
         self.interval = interval
@@ -197,7 +199,13 @@ class Flusher(BackgroundLoop):
             index = self._turn % len(self.lists)
             self._turn += 1
             key = f"{self.own_prefix}{uuid.uuid4()}"
-            count, blob = self._move(keys=[self.lists[index], key, self.registry], args=[self.batch_size, SEPARATOR])
+            try:
+                count, blob = self._move(
+                    keys=[self.lists[index], key, self.registry], args=[self.batch_size, SEPARATOR]
+                )
+            except Exception:
+                self.watch.reset()  # the move may have happened: its envelopes must not count as lost
+                raise
             if int(count):
                 self.watch.moved(index, int(count))
                 return Batch(key, int(count), bytes(blob))
@@ -205,6 +213,8 @@ class Flusher(BackgroundLoop):
 
     def drain(self, timeout: float = 60.0) -> int:
         """Flush until the buffer is empty (what ``taskpg flush`` does); returns the count."""
+        if not self._checked:
+            self._say_durability()
         deadline = time.monotonic() + timeout
         while not self.acquire():
             if time.monotonic() > deadline:
@@ -262,6 +272,18 @@ class Flusher(BackgroundLoop):
                 raise
             logger.warning("Postgres refused a batch of %d envelope(s) (%s): isolating the bad one(s)", len(jobs), exc)
             self._isolate(list(zip(jobs, items, strict=True)), dead, exc)
+        if self.send_events:
+            self._tell(jobs, dead)
+
+    def _tell(self, jobs: list[NewJob], dead: dict[str, str]) -> None:
+        """``enqueued`` (or ``dead``, for a rejected envelope) for the jobs of a committed batch; a batch
+        written again after a crash tells them again. A failure is logged: the jobs are written."""
+        now = time.time()
+        told = [JobEvent("dead" if job.id in dead else "enqueued", job.id, job.task, job.queue, 0, now) for job in jobs]
+        try:
+            self.store.publish_events(events.payloads(told))
+        except Exception as exc:
+            logger.warning("%d buffered job(s) landed, but their events could not be published: %s", len(told), exc)
 
     def _isolate(self, pairs: list[tuple[NewJob, bytes]], dead: dict[str, str], refusal: Exception) -> None:
         """Write a batch Postgres refused by halves, each in its own transaction, until the envelope

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import threading
@@ -117,8 +118,13 @@ class QueuedHandler(logging.handlers.QueueHandler):
         try:
             self.queue.put_nowait(record)
         except queue.Full:
-            with self._lock:
-                self.dropped += 1
+            self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A record that cannot be queued (the queue is full, or its message does not format): counted and
+        dropped. Never logging's default, which writes to stderr in the caller's thread and could block."""
+        with self._lock:
+            self.dropped += 1
 
 
 class Writer:
@@ -164,6 +170,15 @@ class Writer:
         self.thread.join(timeout)
 
 
+def _own_stderr() -> IO[str]:
+    """A stream of its own on stderr's file descriptor, so that a writer stuck on a full pipe holds no lock
+    of ``sys.stderr`` (the interpreter flushes that at exit); ``sys.stderr`` itself if it has no descriptor."""
+    try:
+        return open(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except (AttributeError, OSError, ValueError):
+        return sys.stderr
+
+
 _installed: tuple[QueuedHandler, Writer] | None = None
 _settings: tuple[str, str] | None = None
 
@@ -185,7 +200,7 @@ def configure(
         records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUE_SIZE)
         handler = QueuedHandler(records)
         handler.addFilter(JobContext(current))
-        _installed = (handler, Writer(records, handler, stream or sys.stderr))
+        _installed = (handler, Writer(records, handler, stream or _own_stderr()))
         root = logging.getLogger()
         for old in list(root.handlers):
             root.removeHandler(old)

@@ -204,6 +204,7 @@ def queue_metrics(depths: Sequence[QueueDepth]) -> str:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     page: Callable[[], str]
+    timeout = 10  # seconds a connection may stay idle: a stalled client does not pin a thread for ever
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != "/metrics":

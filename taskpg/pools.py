@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .children import ChildPool
 from .exceptions import ConfigurationError, SoftTimeLimitExceeded, TimeLimitExceeded
-from .executor import Call, Executor
+from .executor import Call, Executor, Ran
 from .job import ClaimedJob, JobState, Outcome
 
 if TYPE_CHECKING:
@@ -194,8 +194,10 @@ class Pool:
         mean = self.mean_run_time
         self.mean_run_time = seconds if mean is None else mean + RUN_TIME_WEIGHT * (seconds - mean)
 
-    def _started(self, call: Call) -> float:
-        self._setup.on_start(call.job)
+    def _started(self, call: Call, told: bool = False) -> float:
+        """The job starts now (``told``: on_start already ran for it); returns the start time."""
+        if not told:
+            self._setup.on_start(call.job)
         logger.debug("job %s %s attempt %d started", call.job.id, call.job.task, call.job.attempt)
         return time.monotonic()
 
@@ -280,18 +282,19 @@ class RunnerPool(Pool):
             runner.current = Running(prepared, started, runner.thread, isolated=isolated)
         if isolated:
             assert self._children is not None
-            outcome = self._children.run(prepared)
+            ran = Ran(self._children.run(prepared))  # its signals were sent in the child
         else:
-            outcome = self._run_here(prepared)
+            ran = self._run_here(prepared)
         with runner.lock:
             running, runner.current = runner.current, None
         if running is not None and running.abandoned:
             logger.warning("job %s finished after its time limit; its late outcome is discarded", job.id)
-            return  # the watchdog already failed this attempt and freed the slot
-        self._finished(outcome, started)
+            return  # the watchdog already failed this attempt (and told the signals), and freed the slot
+        # The signals after the time limit's clock stopped: a slow receiver cannot fail a finished job.
+        self._finished(self.executor.tell(prepared, ran) if not isolated else ran.outcome, started)
 
-    def _run_here(self, call: Call) -> Outcome:
-        """Run a call that is not isolated in a child, in this runner thread."""
+    def _run_here(self, call: Call) -> Ran:
+        """Run a call that is not isolated in a child, in this runner thread (its outcome's signals not sent)."""
         raise NotImplementedError
 
     def take_unstarted(self) -> list[ClaimedJob]:
@@ -334,22 +337,23 @@ class ThreadPool(RunnerPool):
         self._watchdog = threading.Thread(target=self._watch, name="taskpg-watchdog", daemon=True)
         self._watchdog.start()
 
-    def _run_here(self, call: Call) -> Outcome:
-        return self._run_on_loop(call) if self.executor.is_async(call) else self.executor.run_sync(call)
+    def _run_here(self, call: Call) -> Ran:
+        return self._run_on_loop(call) if self.executor.is_async(call) else self.executor.attempt_sync(call)
 
-    def _run_on_loop(self, call: Call) -> Outcome:
+    def _run_on_loop(self, call: Call) -> Ran:
         if self._loop is None:
             with self._lock:
                 if self._loop is None:
                     self._loop = _start_loop_thread()
         limit = call.task.options.soft_time_limit or call.task.options.time_limit
-        future = asyncio.run_coroutine_threadsafe(self.executor.run_async(call, limit), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self.executor.attempt_async(call, limit), self._loop)
         return future.result()
 
     def _watch(self) -> None:
         """Enforce time limits of running sync jobs."""
         while not self._stopping.wait(0.05):
             now = time.monotonic()
+            overdue: list[tuple[Runner, Running]] = []
             for runner in list(self._runners):
                 with runner.lock:
                     running = runner.current
@@ -358,7 +362,8 @@ class ThreadPool(RunnerPool):
                     options = running.call.task.options
                     elapsed = now - running.started
                     if options.time_limit is not None and elapsed >= options.time_limit:
-                        self._abandon(runner, running)
+                        running.abandoned = True  # under the lock: the runner's late outcome is discarded
+                        overdue.append((runner, running))
                     elif (
                         options.soft_time_limit is not None
                         and elapsed >= options.soft_time_limit
@@ -366,10 +371,11 @@ class ThreadPool(RunnerPool):
                     ):
                         running.soft_sent = True
                         _raise_in_thread(running.thread, SoftTimeLimitExceeded)
+            for runner, running in overdue:  # outside the lock: the signals' receivers run here
+                self._abandon(runner, running)
 
     def _abandon(self, runner: Runner, running: Running) -> None:
         """Hard limit in a thread: fail the attempt now and replace the stuck thread."""
-        running.abandoned = True
         runner.retired = True
         job = running.call.job
         limit = running.call.task.options.time_limit
@@ -440,7 +446,7 @@ class AsyncPool(Pool):
                 continue
             if job.suspect:  # its start is written before it runs: I/O, off the loop
                 await asyncio.to_thread(self._setup.on_start, job)
-            started = self._started(prepared)
+            started = self._started(prepared, told=job.suspect)
             self._running[job.id] = job
             options = prepared.task.options
             try:

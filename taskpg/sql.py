@@ -154,6 +154,10 @@ WITH recorded AS (
 SELECT count(*) FROM recorded
 """
 
+# Job events (events.py): one notification per payload, in one statement. Outside a transaction of
+# its own it is an autocommit statement; in the caller's transaction it is delivered at its commit.
+PUBLISH_EVENTS = "SELECT count(pg_notify(%(channel)s, payload)) FROM unnest(%(payloads)s::text[]) AS payload"
+
 # Wake the workers of these queues (once per queue, after a COPY).
 NOTIFY_QUEUES = "SELECT pg_notify(%(channel)s, queue) FROM unnest(%(queues)s::text[]) AS queue"
 
@@ -222,17 +226,27 @@ WITH candidates AS (
     RETURNING j.id, j.task, j.queue, j.priority, j.run_at, j.args, j.kwargs, j.attempt, j.max_attempts,
               j.snoozes, j.lease, j.rate_slot, j.rescues
 )
--- Arguments whose text takes more bytes than fetch_limit are not sent (the worker would hold them in
--- memory only to refuse them): an empty list and object come instead, with their size. OFFSET 0 keeps
--- the planner from rendering each text twice.
+-- Arguments far over the limit are not sent (the worker would hold them in memory only to refuse
+-- them): an empty list and object come instead, with their size. Far over means both their text and
+-- their binary size pass fetch_limit: jsonb's text spells numbers out (1e300 takes 301 bytes) and its
+-- binary form takes ~12 bytes per small number, so either alone could wrong a job within the limit.
+-- The binary size is taken of a fresh copy (`|| '[]'`: pg_column_size of the column itself would be
+-- its compressed size), and only for the rare text over the limit. OFFSET 0 keeps the planner from
+-- rendering each text twice.
 SELECT c.id::text, c.task, c.queue, c.priority, c.run_at,
-       CASE WHEN t.size > %(fetch_limit)s THEN '[]' ELSE t.args END,
-       CASE WHEN t.size > %(fetch_limit)s THEN '{{}}' ELSE t.kwargs END,
+       CASE WHEN t.far_over THEN '[]' ELSE t.args END,
+       CASE WHEN t.far_over THEN '{{}}' ELSE t.kwargs END,
        c.attempt, c.max_attempts, c.snoozes, c.lease::text, EXTRACT(EPOCH FROM c.rate_slot)::float8, c.rescues > 0,
-       CASE WHEN t.size > %(fetch_limit)s THEN t.size ELSE 0 END
+       CASE WHEN t.far_over THEN t.size ELSE 0 END
 FROM claimed AS c,
-     LATERAL (SELECT args, kwargs, octet_length(args) + octet_length(kwargs) AS size
-              FROM (SELECT c.args::text AS args, c.kwargs::text AS kwargs OFFSET 0) AS text) AS t
+     LATERAL (SELECT args, kwargs, size,
+                     CASE WHEN size > %(fetch_limit)s
+                          THEN pg_column_size(c.args || '[]'::jsonb) + pg_column_size(c.kwargs || '{{}}'::jsonb)
+                               > %(fetch_limit)s
+                          ELSE false END AS far_over
+              FROM (SELECT args, kwargs, octet_length(args) + octet_length(kwargs) AS size
+                    FROM (SELECT c.args::text AS args, c.kwargs::text AS kwargs OFFSET 0) AS text
+                    OFFSET 0) AS sized) AS t
 """
 
 # Write back a batch of outcomes in one statement. Each outcome row says the new state, a delay
@@ -583,6 +597,7 @@ class Queries:
         self.schema = validate_schema_name(schema)
         self.jobs_channel = f"taskpg_{schema}_jobs"
         self.done_channel = f"taskpg_{schema}_done"
+        self.events_channel = f"taskpg_{schema}_events"
         self.insert_job = self._render(INSERT_JOB)
         self.active_unique = self._render(ACTIVE_UNIQUE)
         self.take_unique_lock = self._render(TAKE_UNIQUE_LOCK)
@@ -597,6 +612,7 @@ class Queries:
         self.insert_from_staging = self._render(INSERT_FROM_STAGING)
         self.record_duplicates = self._render(RECORD_DUPLICATES)
         self.notify_queues = self._render(NOTIFY_QUEUES)
+        self.publish_events = self._render(PUBLISH_EVENTS)
         self.db_now = self._render(DB_NOW)
         self.get_job = self._render(GET_JOB)
         self.revoke_job = self._render(REVOKE_JOB)

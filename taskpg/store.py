@@ -421,6 +421,17 @@ class Store:
         """LISTEN on the channel announcing finished jobs (payload: comma-separated ids)."""
         self._count(self.q.listen(self.q.done_channel))
 
+    def listen_for_events(self) -> None:
+        """LISTEN on the job events channel (payload: a JSON array of events, events.py)."""
+        self._count(self.q.listen(self.q.events_channel))
+
+    def publish_events(self, payloads: Sequence[str]) -> None:
+        """NOTIFY each payload on the job events channel: in a savepoint of the caller's transaction
+        when the store is bound to one (a failure leaves it usable; delivered at its commit)."""
+        if payloads:
+            with self.transaction() as tx:
+                tx._one(self.q.publish_events, {"channel": self.q.events_channel, "payloads": list(payloads)})
+
     def unlisten(self) -> None:
         self._count(UNLISTEN_ALL)
 

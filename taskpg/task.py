@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar
 
-from . import codec, guards, hooks
+from . import codec, events, guards, hooks
 from .connections import caller_connection
 from .enqueue import copy_batch, insert_job, insert_jobs
+from .events import JobEvent
 from .exceptions import ConfigurationError, NotRegistered, Retry, SerializationError, Snooze
 from .job import JobBatch, NewJob, Request, Row, job_id_sequence, new_job_id
 from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from .guards import Guard, Planned
     from .store import Store
 
+logger = logging.getLogger("taskpg.enqueue")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -35,6 +39,7 @@ class TaskHost(Protocol):
     default_via: str
     max_payload_bytes: int
     middleware: tuple[Callable[..., Any], ...]
+    send_events: bool
 
     @property
     def store(self) -> Store: ...
@@ -128,12 +133,26 @@ class Task(Generic[P, R]):
         if buffered:
             holder: str | None = self.app.buffer.push(job, planned.dedupe_key, self.options.unique_for, guard)
         else:
-            holder = insert_job(self._store(session, connection), job, guard, self.app.announce)
-        if header is not None:
+            store = self._store(session, connection)
+            holder = insert_job(store, job, guard, self.app.announce)
+            if self.app.send_events and holder == job.id:  # a buffered job's is told by the flusher
+                self._tell_enqueued(store, [job.id], job.queue)
+        if header is not None and holder == job.id:  # a job was written (not a unique twin or a throttled call)
             hooks.after_publish(header, args or (), kwargs or {})
         if holder is None:
             return AsyncResult(self.app, job.id, self.name, throttled=True)
         return AsyncResult(self.app, holder, self.name)
+
+    def _tell_enqueued(self, store: Store, ids: Sequence[str | None], queue: str) -> None:
+        """Publish ``enqueued`` events (``events=True``): in the caller's transaction when the store is
+        bound to it, else right after the write. A failure is logged: the job is written already."""
+        jobs = [JobEvent("enqueued", job_id, self.name, queue, 0, time.time()) for job_id in ids if job_id]
+        try:
+            store.publish_events(events.payloads(jobs))
+        except Exception as exc:
+            logger.warning(
+                "task %s: %d job(s) enqueued, but their events could not be published: %s", self.name, len(jobs), exc
+            )
 
     def _header(self, job: NewJob, buffered: bool, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The publish signals' headers for a job about to be written; sends before_task_publish."""
@@ -213,8 +232,13 @@ class Task(Generic[P, R]):
         else:
             batch = list(jobs())
             ids = insert_jobs(store, batch, [p.guard for p in planned], self.app.announce)
+        if self.app.send_events and not buffered:  # a buffered job's is told by the flusher
+            new = [job_id for job_id, p in zip(ids, planned, strict=True) if job_id == p.job.id]
+            self._tell_enqueued(store, new, self._queue(queue))
+        written = set(ids)  # a unique twin returns its holder's id, a throttled call None
         for header, args, kwargs in published:
-            hooks.after_publish(header, args, kwargs)
+            if header["id"] in written:
+                hooks.after_publish(header, args, kwargs)
         return ids
 
     def _copy_many(
@@ -253,6 +277,8 @@ class Task(Generic[P, R]):
             countdown=delay,
         )
         copy_batch(store, batch, self.app.announce)
+        if self.app.send_events:
+            self._tell_enqueued(store, ids, chosen_queue)
         for sent, args, kwargs in published:
             hooks.after_publish(sent, args, kwargs)
         return ids

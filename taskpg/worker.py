@@ -24,9 +24,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import signals
+from . import events, signals
 from .completer import Completer, write_outcomes
 from .connections import reconnecting
+from .events import EventPublisher
 from .executor import Executor
 from .flusher import Flusher
 from .heartbeat import Heartbeat
@@ -88,6 +89,9 @@ class WorkerSettings:
     #: Serve Prometheus metrics of this worker on this port (``GET /metrics``); None: no metrics.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: Publish job events (started, and each written outcome) for ``app.events()``; also on when the
+    #: app has ``events=True`` (``taskpg worker -E``).
+    events: bool = False
 
     def __post_init__(self) -> None:
         self.queues = [validate_queue_name(q) for q in self.queues]
@@ -146,6 +150,8 @@ class Worker:
         self.listener = Listener(self.store, self.settings.queues, self._wake_for_work, self._stop)
         self.metrics = None if self.settings.metrics_port is None else WorkerMetrics(self._running, self._prefetched)
         self._metrics_server: ThreadingHTTPServer | None = None
+        wants_events = self.settings.events or getattr(app, "send_events", False)
+        self.publisher = EventPublisher(self.store) if wants_events else None
         self.stager = Stager(self.store, self.settings.stage_interval, self._wake_for_work, self._stop)
         self.start_log = StartLog(self.store, self.id, stop_event=self._stop)  # what rescue charges an attempt to
         self.broken: list[str] = []  # background loops that died or got stuck: the worker stops, exit code 1
@@ -214,11 +220,14 @@ class Worker:
         """Work until stopped; returns 0 after a clean stop, 1 if running jobs had to be put back."""
         s = self.settings
         self.store.check_schema()
+        if self.metrics is not None and s.metrics_port is not None:  # first: a port in use stops nothing started
+            self._metrics_server = serve_metrics(self.metrics.render, s.metrics_host, s.metrics_port)
+            logger.info("worker %s serves metrics at http://%s:%d/metrics", self.id, s.metrics_host, s.metrics_port)
         signals.worker_init.send(sender=self)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        self.completer = Completer(self.store, self.tasks, on_written=self._forget)
+        self.completer = Completer(self.store, self.tasks, on_written=self._forget, on_applied=self._tell_outcomes)
         setup = PoolSetup(
             self.executor,
             s.concurrency,
@@ -246,12 +255,11 @@ class Worker:
         heartbeat.start()
         for loop in loops:
             loop.start()
+        if self.publisher is not None:
+            self.publisher.start()
         logger.info(
             "worker %s ready: queues=%s concurrency=%d pool=%s", self.id, ",".join(s.queues), s.concurrency, s.pool
         )
-        if self.metrics is not None and s.metrics_port is not None:
-            self._metrics_server = serve_metrics(self.metrics.render, s.metrics_host, s.metrics_port)
-            logger.info("worker %s serves metrics at http://%s:%d/metrics", self.id, s.metrics_host, s.metrics_port)
         self.started.set()
         signals.worker_ready.send(sender=self)
         try:
@@ -260,6 +268,9 @@ class Worker:
             if self.flusher is not None:
                 self.flusher.stop()
             code = self._shutdown()
+            if self.publisher is not None:  # after the last outcome is written: it tells those too
+                self.publisher.stop()
+                self.publisher.join(5)
             heartbeat.stop()
             for loop in [*loops, heartbeat]:
                 loop.join(5)
@@ -374,10 +385,17 @@ class Worker:
         self.start_log.jobs_finished([outcome.job.id])
         self.completer.add(outcome)
 
+    def _tell_outcomes(self, applied: list[Outcome]) -> None:
+        """The outcomes that changed their jobs are committed: their events can be told."""
+        if self.publisher is not None:
+            self.publisher.add(event for outcome in applied for event in events.of_outcome(outcome))
+
     def _job_started(self, job: ClaimedJob) -> None:
         self.start_log.job_started(job)
         if self.metrics is not None:
             self.metrics.job_started(job)
+        if self.publisher is not None:
+            self.publisher.add([events.started(job)])
 
     def _running(self) -> int:
         return 0 if self.pool is None else len(self.pool.running())

@@ -31,6 +31,8 @@ from taskpg.flusher import Flusher
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from taskpg.events import JobEvent
+
 
 def job_count(db: psycopg.Connection, app: TaskPG) -> tuple[int, int]:
     row = db.execute(f'SELECT count(*), count(DISTINCT id) FROM "{app.schema}".jobs').fetchone()
@@ -913,3 +915,70 @@ def test_a_lost_reply_to_the_move_loses_nothing(pg_dsn: str, migrated_schema: st
             assert keys == []  # buffer and processing lists all gone
     rows = db.execute(f'SELECT args ->> 0 FROM "{migrated_schema}".jobs').fetchall()
     assert sorted(int(n) for (n,) in rows) == list(range(150))  # each once
+
+
+def test_a_move_whose_reply_is_lost_is_not_counted_as_a_loss(
+    pg_dsn: str, migrated_schema: str, db: psycopg.Connection
+) -> None:
+    """Without client retries, a lost reply to the move raises; the envelopes sit in this flusher's processing
+    list, not lost: the loss watch must not count them (and the next step writes them)."""
+    from support.lossy_proxy import LossyProxy
+
+    with LossyProxy(6379) as proxy:
+        app = TaskPG(pg_dsn, schema=migrated_schema, redis_url=f"redis://127.0.0.1:{proxy.port}/0?socket_timeout=0.5")
+
+        @app.task(name="buffered.kept")
+        def kept(n: int) -> int:
+            return n
+
+        try:
+            kept.delay_many(((n,) for n in range(150)), via="buffer")
+            flusher = Flusher(app, batch_size=50, interval=0)
+            proxy.drop_reply_to(b"EVALSHA")
+            with pytest.raises(redis.TimeoutError):
+                flusher.step()  # looked (150 waiting), moved 50, never heard back
+            app.buffer.client.connection_pool.disconnect()
+            flusher.redis.connection_pool.disconnect()
+            for _ in range(4):
+                flusher.step()
+            assert proxy.dropped == 1
+        finally:
+            app.close()
+            client = redis.Redis()
+            for key in client.scan_iter(f"taskpg:{migrated_schema}:*"):
+                client.delete(key)
+    assert db.execute(f'SELECT count(*) FROM "{migrated_schema}".jobs').fetchone() == (150,)
+    assert db.execute(f'SELECT count(*) FROM "{migrated_schema}".buffer_losses').fetchone() == (0,)
+
+
+def test_a_buffered_enqueue_with_events_needs_no_postgres_and_its_event_comes_at_the_flush(
+    migrated_schema: str, redis_url: str, pg_dsn: str
+) -> None:
+
+    offline = TaskPG(
+        "postgresql://postgres@127.0.0.1:1/nothing", schema=migrated_schema, redis_url=redis_url, events=True
+    )
+
+    @offline.task(name="buffered.evented")
+    def evented(n: int) -> int:
+        return n
+
+    handle = evented.apply_async((1,), via="buffer")  # Postgres unreachable: the push alone, no event yet
+    offline.close()
+    online = TaskPG(pg_dsn, schema=migrated_schema, redis_url=redis_url, events=True)
+    seen: list[JobEvent] = []
+    listening = threading.Event()
+    reader = threading.Thread(
+        target=lambda: seen.extend(online.events(timeout=2, on_listening=listening.set)), daemon=True
+    )
+    reader.start()
+    try:
+        assert listening.wait(10)
+        assert Flusher(online).drain() == 1
+        reader.join(15)
+    finally:
+        online.close()
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(f"taskpg:{migrated_schema}:*"):
+            client.delete(key)
+    assert [(e.type, e.job_id) for e in seen] == [("enqueued", handle.id)]

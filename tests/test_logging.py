@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from support.paths import SUPPORT
-from support.processes import TASKPG_ROOT, wait_watching_workers
+from support.processes import TASKPG_ROOT, stop_cleanly, taskpg_command, taskpg_env, wait_watching_workers
 from support.rows import state_counts
 
 from taskpg import logs
@@ -26,33 +24,19 @@ if TYPE_CHECKING:
     import psycopg
 
 
-def worker_argv(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "taskpg", "worker", "-A", "proc_tasks", "-Q", "default", "--grace", "5", *extra]
-
-
-def worker_env(pg_dsn: str, schema: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TASKPG_DSN": pg_dsn,
-        "TASKPG_SCHEMA": schema,
-        "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(TASKPG_ROOT)]),
-    }
+WORKER = ("worker", "-A", "proc_tasks", "-Q", "default", "--grace", "5")
 
 
 def run_to_completion(
     pg_dsn: str, schema: str, log: Path, db: psycopg.Connection, expected: dict[str, int], *extra: str
 ) -> str:
     """Run a worker with its output in ``log`` until the jobs reach ``expected`` states; returns the log."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(worker_argv(*extra), env=worker_env(pg_dsn, schema), stdout=out, stderr=out)
-        try:
-            wait_watching_workers("the jobs to finish", lambda: state_counts(db, schema) == expected, 60)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+    with (
+        open(log, "wb") as out,
+        taskpg_command(*WORKER, *extra, env=taskpg_env(pg_dsn, schema), stdout=out, stderr=out) as proc,
+    ):
+        wait_watching_workers("the jobs to finish", lambda: state_counts(db, schema) == expected, 60)
+        stop_cleanly(proc)
     return log.read_text()
 
 
@@ -103,12 +87,10 @@ def test_a_worker_whose_output_nobody_reads_still_drains_10000_jobs(
     """stdout and stderr on pipes that nobody reads: the pipe fills after ~64 KiB of lines. Logging used to
     block every runner thread then (while heartbeats kept the jobs leased): 258 of 10,000 done."""
     tasks.record.delay_many([(n,) for n in range(10_000)])
-    argv = worker_argv("-l", "debug", "-c", "8")  # two lines per job (started, succeeded): more than the queue holds
-    proc = subprocess.Popen(
-        argv, env=worker_env(pg_dsn, migrated_schema), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    argv = (*WORKER, "-l", "debug", "-c", "8")  # two lines per job (started, succeeded): more than the queue holds
     read: list[bytes] = []
-    try:
+    env = taskpg_env(pg_dsn, migrated_schema)
+    with taskpg_command(*argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         wait_watching_workers(
             "10,000 jobs done with nobody reading the log",
             lambda: state_counts(db, migrated_schema) == {"succeeded": 10_000},
@@ -118,12 +100,7 @@ def test_a_worker_whose_output_nobody_reads_still_drains_10000_jobs(
         reader = threading.Thread(target=lambda: read.extend(iter(proc.stderr.readline, b"")), daemon=True)
         reader.start()  # the sink takes lines again: the writer says what it had to drop
         wait_watching_workers("the drop notice", lambda: any(b"log record(s) dropped" in line for line in read), 30)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_cleanly(proc)
     notice = next(line for line in read if b"log record(s) dropped" in line)
     assert b"the log output did not keep up" in notice
     dropped = int(notice.rsplit(b";", 1)[1].split()[0])  # "...; N in all"
@@ -135,18 +112,10 @@ def test_a_stuck_log_sink_does_not_hold_the_exit(
     pg_dsn: str, migrated_schema: str, tasks: SimpleNamespace, db: psycopg.Connection
 ) -> None:
     tasks.record.delay_many([(n,) for n in range(3000)])
-    argv = worker_argv("-l", "info")
-    proc = subprocess.Popen(
-        argv, env=worker_env(pg_dsn, migrated_schema), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
+    env = taskpg_env(pg_dsn, migrated_schema)
+    with taskpg_command(*WORKER, "-l", "info", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         wait_watching_workers("the jobs done", lambda: state_counts(db, migrated_schema) == {"succeeded": 3000}, 120)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0  # the lines still queued get 2 s, then the worker exits anyway
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_cleanly(proc)  # the lines still queued get 2 s, then the worker exits anyway
 
 
 def test_the_log_writer_counts_and_reports_what_a_blocked_sink_missed() -> None:

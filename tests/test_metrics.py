@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING
 
 import pytest
-from support.paths import SUPPORT
-from support.processes import TASKPG_ROOT, wait_watching_workers
+from support.processes import stop_cleanly, taskpg_command, taskpg_env, wait_watching_workers
 from support.rows import state_counts
 
 from taskpg.metrics import CONTENT_TYPE, Counter, Histogram, render
@@ -81,29 +77,17 @@ def test_a_workers_metrics_count_the_jobs_it_ran(
     tasks.fail.delay(1)
     tasks.unreachable.delay(2)  # three attempts (two retries), then dead
     port = free_port()
-    env = {
-        **os.environ,
-        "TASKPG_DSN": pg_dsn,
-        "TASKPG_SCHEMA": migrated_schema,
-        "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(TASKPG_ROOT)]),
-    }
-    argv = [sys.executable, "-m", "taskpg", "worker", "-A", "proc_tasks", "--metrics-port", str(port)]
-    with open(tmp_path / "worker.log", "wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
-        try:
-            wait_scrape(port, proc)
-            wait_watching_workers(
-                "the jobs to finish", lambda: state_counts(db, migrated_schema) == {"succeeded": 30, "dead": 2}, 60
-            )
-            content_type, text = scrape(port)
-            with pytest.raises(urllib.error.HTTPError, match="404"):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+    argv = ("worker", "-A", "proc_tasks", "--metrics-port", str(port))
+    env = taskpg_env(pg_dsn, migrated_schema)
+    with open(tmp_path / "worker.log", "wb") as log, taskpg_command(*argv, env=env, stdout=log, stderr=log) as proc:
+        wait_scrape(port, proc)
+        wait_watching_workers(
+            "the jobs to finish", lambda: state_counts(db, migrated_schema) == {"succeeded": 30, "dead": 2}, 60
+        )
+        content_type, text = scrape(port)
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        stop_cleanly(proc)
     assert content_type == CONTENT_TYPE
     samples = parse(text)
     record = (("task", "proc_tasks.record"), ("queue", "default"))
@@ -131,17 +115,10 @@ def test_the_queue_depths_come_from_the_database(
     send.apply_async(countdown=3600)
     db.execute(f"""UPDATE "{app.schema}".jobs SET run_at = now() - interval '90 seconds' WHERE state = 'available'""")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(TASKPG_ROOT)}
-    argv = [sys.executable, "-m", "taskpg", "metrics", "--dsn", pg_dsn, "--schema", migrated_schema]
-    proc = subprocess.Popen([*argv, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    argv = ("metrics", "--dsn", pg_dsn, "--schema", migrated_schema, "--port", str(port))
+    with taskpg_command(*argv, env=taskpg_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         samples = parse(wait_scrape(port, proc))
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_cleanly(proc, 10)
     jobs = samples["taskpg_queue_jobs"]
     assert jobs == {(("queue", "mail"), ("state", "available")): 3.0, (("queue", "mail"), ("state", "scheduled")): 1.0}
     (oldest,) = samples["taskpg_queue_oldest_available_seconds"].values()

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from support.example_runner import run_example
-from support.paths import SUPPORT
-from support.processes import TASKPG_ROOT, wait_watching_workers
+from support.processes import stop_cleanly, taskpg_command, taskpg_env, wait_watching_workers
 from support.rows import state_counts
 
 from taskpg import Retry, Task, TaskPG, signals
@@ -275,23 +270,11 @@ def test_middleware_and_worker_process_init_run_in_child_processes(
     app = TaskPG(pg_dsn, schema=migrated_schema)
     doubled, tripled = (Task(app, t.fn, t.name, t.options) for t in (hook_tasks.double, hook_tasks.triple))
     first, second = doubled.delay(4), tripled.delay(5)
-    env = {
-        **os.environ,
-        "TASKPG_DSN": pg_dsn,
-        "TASKPG_SCHEMA": migrated_schema,
-        "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(TASKPG_ROOT)]),
-    }
-    argv = [sys.executable, "-m", "taskpg", "worker", "-A", "hook_tasks", "--pool", "processes", "-c", "2"]
-    with open(tmp_path / "worker.log", "wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
-        try:
-            wait_watching_workers("the jobs done", lambda: state_counts(db, migrated_schema) == {"succeeded": 2}, 60)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+    argv = ("worker", "-A", "hook_tasks", "--pool", "processes", "-c", "2")
+    env = taskpg_env(pg_dsn, migrated_schema)
+    with open(tmp_path / "worker.log", "wb") as log, taskpg_command(*argv, env=env, stdout=log, stderr=log) as proc:
+        wait_watching_workers("the jobs done", lambda: state_counts(db, migrated_schema) == {"succeeded": 2}, 60)
+        stop_cleanly(proc)
     children = {pid for (pid,) in db.execute(f'SELECT pid FROM "{migrated_schema}".child_starts').fetchall()}
     assert len(children) == 2 and proc.pid not in children  # worker_process_init: once in each child
     for handle, result, task in ((first, 8, "hook_tasks.double"), (second, 15, "hook_tasks.triple")):
@@ -310,3 +293,29 @@ def test_error_reporting_example(pg_dsn: str, schema: str) -> None:
     attempts = [(r["attempt"], r["task"], r["queue"]) for r in reports if "attempt" in r]
     assert attempts == [(1, "__main__.charge", "default"), (2, "__main__.charge", "default")]  # run as a script
     assert [r["job_id"] for r in reports if r.get("final")] == [reports[0]["job_id"]]
+
+
+def test_an_attempt_failed_by_its_time_limit_sends_no_success_later(
+    app: TaskPG, run_worker: Any, recorder: Any
+) -> None:
+    """In the threads pool a hard limit abandons the thread; when it finishes anyway, its outcome is discarded,
+    and so are its signals: one attempt, one story."""
+    release = threading.Event()
+    ran_in: list[threading.Thread] = []
+
+    @app.task(name="sig.slow", time_limit=0.3, max_retries=0)
+    def slow() -> str:
+        ran_in.append(threading.current_thread())
+        release.wait(10)
+        return "too late"
+
+    seen = recorder("task_success", "task_failure", "task_postrun")
+    with run_worker(app, time_limit_pool="threads"):
+        handle = slow.delay()
+        assert type(handle.get(timeout=10, propagate=False)).__name__ == "TimeLimitExceeded"
+        release.set()  # the abandoned thread returns now, and ends (it was retired)
+        ran_in[0].join(10)
+        assert not ran_in[0].is_alive()
+    assert seen.sent["task_success"] == []
+    assert [s["state"] for s in seen.sent["task_postrun"]] == ["FAILURE"]
+    assert [type(s["exception"]).__name__ for s in seen.sent["task_failure"]] == ["TimeLimitExceeded"]

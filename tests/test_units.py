@@ -1626,3 +1626,13 @@ def test_names_with_a_line_break_are_refused_everywhere(offline: TaskPG, bad: st
         offline.task(name=f"units.{bad}")(lambda: None)
     with pytest.raises(ConfigurationError):
         validate_schema_name(bad.replace("default", "taskpg"))
+
+
+def test_a_full_notify_queue_is_the_servers_limit_not_a_bad_value() -> None:
+    """Postgres raises both as SQLSTATE 54000; only the value's refusal may send a batch down the split path."""
+    import psycopg
+
+    from taskpg.connections import refuses_value
+
+    assert refuses_value(psycopg.errors.ProgramLimitExceeded("index row size 3000 exceeds btree version 4 maximum"))
+    assert not refuses_value(psycopg.errors.ProgramLimitExceeded("too many notifications in the NOTIFY queue"))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,10 +15,10 @@ import pytest
 
 import taskpg
 
-from .paths import TESTS
+from .paths import SUPPORT, TESTS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import psycopg
 
@@ -104,3 +107,31 @@ def worker_id_of(db: psycopg.Connection, schema: str, pid: int) -> str:
     row = db.execute(f'SELECT id FROM "{schema}".workers WHERE pid = %s', (pid,)).fetchone()
     assert row is not None, f"worker pid {pid} is not registered"
     return str(row[0])
+
+
+def taskpg_env(pg_dsn: str | None = None, schema: str | None = None) -> dict[str, str]:
+    """The environment of a ``python -m taskpg`` the tests start: this taskpg and support/ importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(TASKPG_ROOT)])}
+    if pg_dsn is not None:
+        env["TASKPG_DSN"] = pg_dsn
+    if schema is not None:
+        env["TASKPG_SCHEMA"] = schema
+    return env
+
+
+@contextlib.contextmanager
+def taskpg_command(*args: str, env: dict[str, str], stdout: Any, stderr: Any, text: bool = False) -> Iterator[Any]:
+    """``python -m taskpg <args>`` for the block; killed if it still runs at the end (a failed test)."""
+    proc = subprocess.Popen([sys.executable, "-m", "taskpg", *args], env=env, stdout=stdout, stderr=stderr, text=text)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def stop_cleanly(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, and the process must exit with 0."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout) == 0

@@ -1,0 +1,176 @@
+"""docs/events.md: job events across processes over LISTEN/NOTIFY, opt-in as Celery's ``worker -E``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import threading
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from support.processes import stop_cleanly, taskpg_command, taskpg_env, wait_watching_workers
+
+from taskpg import Retry, TaskPG
+from taskpg.events import PAYLOAD_BYTES, JobEvent, decode, payloads
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import psycopg
+
+
+class Collector:
+    """``app.events()`` in a thread of its own, as a dashboard would run it."""
+
+    def __init__(self, app: TaskPG, **filters: Any) -> None:
+        self.events: list[JobEvent] = []
+        self.listening = threading.Event()
+        self._stop = threading.Event()
+        self._app, self._filters = app, filters
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.listening.wait(10)
+
+    def _run(self) -> None:
+        stream = self._app.events(timeout=0.2, on_listening=self.listening.set, **self._filters)
+        while not self._stop.is_set():
+            for event in stream:
+                self.events.append(event)
+            stream = self._app.events(timeout=0.2, **self._filters)
+
+    def of(self, job_id: str) -> list[str]:
+        return [e.type for e in self.events if e.job_id == job_id]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def evented(pg_dsn: str, migrated_schema: str) -> Iterator[TaskPG]:
+    app = TaskPG(pg_dsn, schema=migrated_schema, events=True)
+    yield app
+    app.close()
+
+
+def test_a_jobs_life_is_told_as_events(evented: TaskPG, run_worker: Any) -> None:
+    @evented.task(name="ev.ok")
+    def ok() -> str:
+        return "ok"
+
+    @evented.task(name="ev.flaky", bind=True)
+    def flaky(self: Any) -> None:
+        if self.request.attempt == 1:
+            raise Retry(countdown=0, exc=ConnectionError("once"))
+        raise ValueError("then for good")
+
+    watcher = Collector(evented)
+    try:
+        good, bad = ok.delay(), flaky.delay()
+        with run_worker(evented):
+            good.get(timeout=10)
+            bad.get(timeout=10, propagate=False)
+            wait_watching_workers("the dead event", lambda: "dead" in watcher.of(bad.id), 10)
+    finally:
+        watcher.close()
+    assert watcher.of(good.id) == ["enqueued", "started", "succeeded"]
+    assert watcher.of(bad.id) == ["enqueued", "started", "failed", "retried", "started", "failed", "dead"]
+    started = [e for e in watcher.events if e.job_id == bad.id and e.type == "started"]
+    assert [(e.task, e.queue, e.attempt) for e in started] == [("ev.flaky", "default", 1), ("ev.flaky", "default", 2)]
+
+
+def test_events_can_be_filtered_by_queue_and_type(evented: TaskPG) -> None:
+    @evented.task(name="ev.mail", queue="mail")
+    def mail() -> None:
+        return None
+
+    @evented.task(name="ev.other")
+    def other() -> None:
+        return None
+
+    watcher = Collector(evented, queues=["mail"], types=["enqueued"])
+    try:
+        wanted = mail.delay()
+        other.delay()
+        mail.delay_many([()] * 3)
+        wait_watching_workers("the enqueued events", lambda: len(watcher.events) >= 4, 10)
+    finally:
+        watcher.close()
+    assert {e.queue for e in watcher.events} == {"mail"} and {e.type for e in watcher.events} == {"enqueued"}
+    assert wanted.id in {e.job_id for e in watcher.events} and len(watcher.events) == 4
+    with pytest.raises(ValueError, match="unknown event type"):
+        next(evented.events(types=["exploded"], timeout=0.1))
+
+
+def test_no_events_unless_asked_for(pg_dsn: str, migrated_schema: str, run_worker: Any) -> None:
+    quiet = TaskPG(pg_dsn, schema=migrated_schema)  # events off (the default)
+    listener = TaskPG(pg_dsn, schema=migrated_schema, events=True)
+
+    @quiet.task(name="ev.quiet")
+    def hush() -> None:
+        return None
+
+    watcher = Collector(listener)
+    try:
+        with run_worker(quiet):
+            hush.delay().get(timeout=10)
+    finally:
+        watcher.close()
+    assert watcher.events == []
+    quiet.close()
+    listener.close()
+
+
+def test_many_events_are_split_into_payloads_postgres_takes() -> None:
+    events = [JobEvent("started", f"{n:08d}-0000-7000-8000-000000000000", "t" * 200, "q", 1, 1.5) for n in range(200)]
+    texts = payloads(events)
+    assert len(texts) > 1 and all(len(t.encode()) <= PAYLOAD_BYTES for t in texts)
+    assert [e for t in texts for e in decode(t)] == events
+    assert decode("not json") == [] and decode('[["x"]]') == []
+
+
+def test_taskpg_events_prints_json_lines(
+    pg_dsn: str, migrated_schema: str, evented: TaskPG, db: psycopg.Connection
+) -> None:
+    @evented.task(name="ev.cli")
+    def cli_task() -> None:
+        return None
+
+    argv = ("events", "--dsn", pg_dsn, "--schema", migrated_schema)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with taskpg_command(*argv, env=taskpg_env(), text=True, **pipes) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening")
+        handle = cli_task.delay()
+        line = proc.stdout.readline()
+        stop_cleanly(proc, 10)
+    event = json.loads(line)
+    assert (event["type"], event["job_id"], event["task"], event["queue"]) == (
+        "enqueued",
+        handle.id,
+        "ev.cli",
+        "default",
+    )
+
+
+def test_an_outcome_that_lost_its_lease_tells_no_event(evented: TaskPG) -> None:
+    from taskpg.completer import Completer
+    from taskpg.job import JobState, Outcome
+
+    @evented.task(name="ev.lost")
+    def lost() -> None:
+        return None
+
+    mine, taken = lost.delay(), lost.delay()
+    claimed = {job.id: job for job in evented.store.claim(["default"], 10, "w-lease")}
+    stale = dataclasses.replace(claimed[taken.id], lease="00000000-0000-4000-8000-000000000000")  # rescued meanwhile
+    applied: list[Outcome] = []
+    completer = Completer(evented.store, evented.tasks, on_applied=applied.extend)
+    try:
+        completer.add(Outcome(claimed[mine.id], JobState.SUCCEEDED, result="null"))
+        completer.add(Outcome(stale, JobState.SUCCEEDED, result="null"))
+        assert completer.signals.wait_for("written", 1, timeout=10)
+    finally:
+        completer.close(timeout=10)
+    assert [o.job.id for o in applied] == [mine.id]  # the publisher is told only this one
