@@ -30,7 +30,7 @@ from .store import Store
 from .task import Task, TaskRegistry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
 
     from .enqueue import Announce
     from .events import JobEvent
@@ -301,6 +301,17 @@ class TaskPG:
         those of ``queues`` and ``types`` if given. Ends after ``timeout`` seconds without an event
         (never, by default). ``on_listening`` is called once LISTEN is active."""
         return events_module.listen(self.store, queues, types, timeout, on_listening)
+
+    def aevents(
+        self,
+        queues: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+        timeout: float | None = None,
+        on_listening: Callable[[], None] | None = None,
+    ) -> AsyncIterator[JobEvent]:
+        """``events`` for asyncio code (``async for event in app.aevents(...)``): the LISTEN runs in a
+        thread of its own, so the event loop never blocks."""
+        return events_module.alisten(self.store, queues, types, timeout, on_listening)
 
 
 def _debounce(value: float | None) -> float | None:

@@ -15,6 +15,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 #: The highest ``max_payload_bytes`` can be: the most a jsonb value holds (larger values Postgres
 #: refuses, and a statement over 1 GB closes the connection).
 MAX_PAYLOAD_BYTES = 268_435_455
+#: The most JSON text a job's headers may take (metadata, such as a traceparent, not data).
+MAX_HEADERS_BYTES = 8192
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 

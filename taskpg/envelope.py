@@ -70,12 +70,13 @@ def encode(job: NewJob, enqueued_at: str | None = None) -> str:
     ``id`` comes first: the flusher recognises envelopes that bring their own id by that prefix.
     ``enqueued_at`` is an ISO 8601 time (now, by default); ``encode_many`` takes it once per batch.
     """
+    headers = "" if job.headers is None else f',"headers":{job.headers}'
     return (
         f'{{"id":"{job.id}","task":{_json_name(job.task)},"args":{job.args},"kwargs":{job.kwargs},'
         f'"queue":{_json_name(job.queue)},"priority":{job.priority:d},'
         f'"eta":{_json_or_null(job.eta and job.eta.isoformat())},'
         f'"countdown":{_json_or_null(job.countdown or None)},"max_attempts":{job.max_attempts:d},'
-        f'"unique_key":{_json_or_null(job.unique_key)},"enqueued_at":"{enqueued_at or _now()}"}}'
+        f'"unique_key":{_json_or_null(job.unique_key)},"enqueued_at":"{enqueued_at or _now()}"{headers}}}'
     )
 
 
@@ -193,6 +194,7 @@ def _job(
         eta=eta,
         countdown=countdown,
         unique_key=_unique_key(data.get("unique_key")),
+        headers=_headers(data.get("headers")),
     )
 
 
@@ -216,6 +218,17 @@ def _job_id(value: Any) -> str:
     if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
         return value
     return str(uuid.UUID(str(value)))
+
+
+def _headers(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ValueError("'headers' must be an object")
+    text = codec.dumps(value)
+    if len(text) > codec.MAX_HEADERS_BYTES:
+        raise ValueError(f"'headers' take {len(text)} bytes, over the limit of {codec.MAX_HEADERS_BYTES}")
+    return text
 
 
 def _unique_key(value: Any) -> str | None:

@@ -13,19 +13,20 @@ NOTIFY gives: to sessions listening at the time, lost if the listener's connecti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .job import JobState
 from .loops import BackgroundLoop
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
     from .job import ClaimedJob, Outcome
     from .store import Store
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("taskpg.events")
 
 #: Every event type, in a job's life order.
-EVENT_TYPES = ("enqueued", "started", "succeeded", "failed", "retried", "snoozed", "dead")
+EVENT_TYPES = ("enqueued", "started", "progress", "succeeded", "failed", "retried", "snoozed", "dead")
 #: Bytes of one NOTIFY payload (Postgres' limit is 8,000).
 PAYLOAD_BYTES = 7_900
 #: Events a worker keeps waiting for its publisher; past it, new ones are dropped (and counted).
@@ -51,9 +52,12 @@ class JobEvent:
     queue: str
     attempt: int
     at: float
+    #: For ``progress``: ``{"state": ..., "meta": ...}`` as the task gave it to ``update_state()``.
+    data: Any = None
 
     def as_list(self) -> list[object]:
-        return [self.type, self.job_id, self.task, self.queue, self.attempt, round(self.at, 6)]
+        head: list[object] = [self.type, self.job_id, self.task, self.queue, self.attempt, round(self.at, 6)]
+        return head if self.data is None else [*head, self.data]
 
 
 def started(job: ClaimedJob) -> JobEvent:
@@ -103,7 +107,9 @@ def decode(payload: str) -> list[JobEvent]:
     """The events of one payload (a malformed one yields none: it was not ours)."""
     try:
         items = json.loads(payload)
-        return [JobEvent(str(t), str(i), str(k), str(q), int(a), float(at)) for t, i, k, q, a, at in items]
+        return [
+            JobEvent(str(t), str(i), str(k), str(q), int(a), float(at), *rest) for t, i, k, q, a, at, *rest in items
+        ]
     except (ValueError, TypeError):
         logger.warning("ignoring a malformed event payload: %.80r", payload)
         return []
@@ -149,32 +155,71 @@ class EventPublisher(BackgroundLoop):
             logger.warning("%d event(s) not published at shutdown: %s", len(self._waiting), exc)
 
 
+async def alisten(
+    store: Store,
+    queues: Iterable[str] | None = None,
+    types: Iterable[str] | None = None,
+    timeout: float | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> AsyncIterator[JobEvent]:
+    """``listen`` for asyncio code: the LISTEN runs in a thread of its own, events come through a queue,
+    so the event loop never blocks. Closing the async iterator stops the thread within a second."""
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Queue[JobEvent | BaseException | None] = asyncio.Queue()
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for event in listen(store, queues, types, timeout, on_listening, stop):
+                loop.call_soon_threadsafe(arrived.put_nowait, event)
+        except BaseException as exc:  # raised in the consumer's task instead
+            loop.call_soon_threadsafe(arrived.put_nowait, exc)
+            return
+        loop.call_soon_threadsafe(arrived.put_nowait, None)
+
+    thread = threading.Thread(target=pump, name="taskpg-events", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await arrived.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def listen(
     store: Store,
     queues: Iterable[str] | None = None,
     types: Iterable[str] | None = None,
     timeout: float | None = None,
     on_listening: Callable[[], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[JobEvent]:
-    """Yield events as they come (see ``TaskPG.events``); ends after ``timeout`` seconds without one."""
+    """Yield events as they come (see ``TaskPG.events``); ends after ``timeout`` seconds without one, or
+    within a second of ``stop`` being set."""
     wanted_queues = None if queues is None else set(queues)
     wanted_types = None if types is None else set(types)
     unknown = (wanted_types or set()) - set(EVENT_TYPES)
     if unknown:
         raise ValueError(f"unknown event type(s) {sorted(unknown)}: expected some of {', '.join(EVENT_TYPES)}")
+    window = 1.0 if timeout is None else min(timeout, 1.0)
     with store.connections.direct() as conn:  # its own session: a long LISTEN holds no pool connection
         bound = store.on(conn)
         bound.listen_for_events()
         if on_listening is not None:
             on_listening()
-        while True:
-            got = False
-            for payload in bound.notifications(timeout if timeout is not None else 60.0):
-                got = True
+        last = time.monotonic()
+        while stop is None or not stop.is_set():
+            for payload in bound.notifications(window):
+                last = time.monotonic()
                 for event in decode(payload):
                     if (wanted_queues is None or event.queue in wanted_queues) and (
                         wanted_types is None or event.type in wanted_types
                     ):
                         yield event
-            if not got and timeout is not None:
+            if timeout is not None and time.monotonic() - last >= timeout:
                 return

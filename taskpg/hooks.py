@@ -173,6 +173,15 @@ def headers(job_id: str, task: str, queue: str, eta: Any, countdown: float, prio
     }
 
 
+#: The keys taskpg puts in the publish signals' headers; any other key a receiver adds is stored with the job.
+STANDARD_HEADERS = frozenset(("id", "task", "queue", "eta", "countdown", "priority", "via"))
+
+
+def added_headers(header: dict[str, Any]) -> dict[str, Any]:
+    """What ``before_task_publish`` receivers added to the headers (to store with the job)."""
+    return {key: value for key, value in header.items() if key not in STANDARD_HEADERS}
+
+
 def before_publish(header: dict[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
     signals.before_task_publish.send(
         sender=header["task"],

@@ -7,6 +7,7 @@ into them, the executor builds outcomes, enqueue builds new jobs.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import threading
 import time
@@ -95,6 +96,7 @@ class NewJob:
     countdown: float = 0.0
     unique_key: str | None = None  # at most one unfinished job per key
     not_before: dt.datetime | None = None  # a deferred throttled job waits for its window
+    headers: str | None = None  # JSON object text: metadata publish receivers added (a traceparent)
 
 
 #: One call of a JobBatch: (job id, args JSON, kwargs JSON).
@@ -141,6 +143,8 @@ class ClaimedJob:
     #: The size of its arguments' text in Postgres when the claim left them out as far over the limit
     #: (``args`` and ``kwargs`` are then empty); 0 when they were fetched.
     oversize: int = 0
+    #: Its headers' JSON text (metadata set at enqueue, a traceparent), or None.
+    headers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,8 @@ class JobRecord:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     worker_id: str | None
+    #: ``{"state": ..., "meta": ...}`` from ``self.update_state()`` (None: the job never said).
+    progress: dict[str, Any] | None = None
 
 
 # -- ids -------------------------------------------------------------------------------------------
@@ -255,6 +261,8 @@ class Request:
     max_attempts: int = 1
     args: Sequence[Any] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Metadata set at enqueue by ``before_task_publish`` receivers (a W3C ``traceparent``, say).
+    headers: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def retries(self) -> int:
@@ -264,4 +272,5 @@ class Request:
     @classmethod
     def of(cls, job: ClaimedJob, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Request:
         """The request of one attempt of a claimed job, with its decoded arguments."""
-        return cls(job.id, job.task, job.queue, job.attempt, job.max_attempts, args, kwargs)
+        headers = json.loads(job.headers) if job.headers else {}
+        return cls(job.id, job.task, job.queue, job.attempt, job.max_attempts, args, kwargs, headers)

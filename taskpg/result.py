@@ -56,9 +56,23 @@ class AsyncResult:
 
     @property
     def status(self) -> str:
-        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED; while the job runs, the custom state it
+        set with ``self.update_state()`` (PROGRESS, say)."""
         row = self._row()
-        return Status.PENDING.value if row is None else status_of(row.state, row.attempt).value
+        if row is None:
+            return Status.PENDING.value
+        if row.state == JobState.RUNNING and row.progress:
+            return str(row.progress.get("state"))
+        return status_of(row.state, row.attempt).value
+
+    @property
+    def progress(self) -> Any:
+        """The ``meta`` of the running job's last ``update_state()`` (Celery's ``info`` while in a custom
+        state); None when it set none, or once it finished."""
+        row = self._row()
+        if row is None or row.state != JobState.RUNNING or not row.progress:
+            return None
+        return row.progress.get("meta")
 
     state = status
 

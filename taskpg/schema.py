@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # fullmatch: "$" would let a trailing "\n" in
@@ -86,6 +86,10 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         # Rescues from a worker that stopped heartbeating; crashes: those while the job was running.
         Column("rescues", Integer, nullable=False, server_default=text("0")),
         Column("crashes", Integer, nullable=False, server_default=text("0")),
+        # Small JSON metadata set at enqueue by before_task_publish receivers (a traceparent): 0008.
+        Column("headers", JSONB),
+        # {"state": ..., "meta": ...} from self.update_state() while the job runs: 0008.
+        Column("progress", JSONB),
         CheckConstraint(_state_in(JobState), name="jobs_state_check"),
         # The claim query walks this index in claim order and stops after LIMIT rows.
         Index(

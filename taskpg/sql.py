@@ -34,10 +34,10 @@ WITH due AS (
     SELECT GREATEST(COALESCE(%(eta)s::timestamptz, clock_timestamp() + %(countdown)s * interval '1 second'),
                     %(not_before)s::timestamptz) AS run_at
 ), inserted AS (
-    INSERT INTO {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key)
+    INSERT INTO {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key, headers)
     SELECT %(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority)s, %(max_attempts)s,
            CASE WHEN due.run_at > clock_timestamp() THEN 'scheduled' ELSE 'available' END, due.run_at,
-           %(unique_key)s
+           %(unique_key)s, %(headers)s::jsonb
     FROM due
     ON CONFLICT DO NOTHING
     RETURNING state, queue
@@ -117,7 +117,7 @@ CREATE TEMP TABLE IF NOT EXISTS taskpg_staging
 
 COPY_STAGING = """
 COPY taskpg_staging (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key, errors,
-                     finished_at)
+                     finished_at, headers)
 FROM STDIN
 """
 
@@ -168,8 +168,14 @@ DB_NOW = "SELECT clock_timestamp()"
 # A job by id; the id of a buffered call that a unique key turned away reads as its holder.
 GET_JOB = """
 SELECT id::text AS id, task, queue, state, attempt, max_attempts, snoozes, priority, args, kwargs, result, errors,
-       run_at, created_at, started_at, finished_at, worker_id
+       run_at, created_at, started_at, finished_at, worker_id, progress
 FROM {jobs} WHERE id = COALESCE((SELECT holder FROM {duplicates} WHERE id = %(id)s::uuid), %(id)s::uuid)
+"""
+
+# A running job says how far it got (self.update_state). Only while it runs: a late call from an attempt
+# that lost the job (rescued, finished) changes nothing. Returns whether it was written.
+UPDATE_PROGRESS = """
+UPDATE {jobs} SET progress = %(progress)s::jsonb WHERE id = %(id)s AND state = 'running'
 """
 
 # Cancel a job that has not started. The state test runs under the row lock, so a job a
@@ -224,7 +230,7 @@ WITH candidates AS (
         worker_id = %(worker_id)s
     FROM picked WHERE j.id = picked.id
     RETURNING j.id, j.task, j.queue, j.priority, j.run_at, j.args, j.kwargs, j.attempt, j.max_attempts,
-              j.snoozes, j.lease, j.rate_slot, j.rescues
+              j.snoozes, j.lease, j.rate_slot, j.rescues, j.headers
 )
 -- Arguments far over the limit are not sent (the worker would hold them in memory only to refuse
 -- them): an empty list and object come instead, with their size. Far over means both their text and
@@ -237,7 +243,7 @@ SELECT c.id::text, c.task, c.queue, c.priority, c.run_at,
        CASE WHEN t.far_over THEN '[]' ELSE t.args END,
        CASE WHEN t.far_over THEN '{{}}' ELSE t.kwargs END,
        c.attempt, c.max_attempts, c.snoozes, c.lease::text, EXTRACT(EPOCH FROM c.rate_slot)::float8, c.rescues > 0,
-       CASE WHEN t.far_over THEN t.size ELSE 0 END
+       CASE WHEN t.far_over THEN t.size ELSE 0 END, c.headers::text
 FROM claimed AS c,
      LATERAL (SELECT args, kwargs, size,
                      CASE WHEN size > %(fetch_limit)s
@@ -615,6 +621,7 @@ class Queries:
         self.publish_events = self._render(PUBLISH_EVENTS)
         self.db_now = self._render(DB_NOW)
         self.get_job = self._render(GET_JOB)
+        self.update_progress = self._render(UPDATE_PROGRESS)
         self.revoke_job = self._render(REVOKE_JOB)
         self.schema_version = self._render(SCHEMA_VERSION)
         self.claim_jobs = self._render(CLAIM_JOBS)

@@ -307,6 +307,7 @@ class Store:
             "countdown": job.countdown,
             "unique_key": job.unique_key,
             "not_before": job.not_before,
+            "headers": job.headers,
             "channel": self.q.jobs_channel,
             "notify": notify,
         }
@@ -386,7 +387,7 @@ class Store:
                     state, finished_at = JobState.DEAD, now
                     errors = codec.dumps([failures.record("EnvelopeRejected", reason, 0, at=now)])
                 values = (job.id, job.task, job.queue, job.args, job.kwargs, job.priority, job.max_attempts)
-                copy.write_row((*values, state.value, run_at, job.unique_key, errors, finished_at))
+                copy.write_row((*values, state.value, run_at, job.unique_key, errors, finished_at, job.headers))
         row = conn.execute(self.q.insert_from_staging, {"channel": self.q.jobs_channel}).fetchone()
         if unique:  # a job a unique key turned away: its handle is to lead to the holder
             conn.execute(self.q.record_duplicates)
@@ -408,6 +409,11 @@ class Store:
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self._one(self.q.get_job, {"id": job_id})
         return None if row is None else JobRecord(*row)
+
+    def update_progress(self, job_id: str, state: str, meta: Any) -> bool:
+        """Record a running job's custom state and its meta (JSON); False when the job is not running."""
+        progress = codec.dumps({"state": state, "meta": meta})
+        return self._count(self.q.update_progress, {"id": job_id, "progress": progress}) > 0
 
     def revoke(self, job_id: str) -> bool:
         """Cancel a job that has not started; True when this call cancelled it."""

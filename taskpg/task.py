@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import time
@@ -15,7 +16,7 @@ from .connections import caller_connection
 from .enqueue import copy_batch, insert_job, insert_jobs
 from .events import JobEvent
 from .exceptions import ConfigurationError, NotRegistered, Retry, SerializationError, Snooze
-from .job import JobBatch, NewJob, Request, Row, job_id_sequence, new_job_id
+from .job import JobBatch, NewJob, Request, Row, Status, job_id_sequence, new_job_id
 from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
 from .result import AsyncResult
 
@@ -96,6 +97,40 @@ class Task(Generic[P, R]):
         """Ask for another attempt; raises ``Retry`` (Celery: ``raise self.retry(exc=e)`` works too)."""
         raise Retry(countdown=countdown, exc=exc, max_retries=max_retries)
 
+    def update_state(self, state: str = "PROGRESS", meta: Any = None, task_id: str | None = None) -> bool:
+        """Celery's: record a state of your own (and JSON ``meta``) for the running job, say
+        ``self.update_state(state="PROGRESS", meta={"done": 40, "total": 100})``. Its handle reports the
+        state (``status``) and the meta (``progress``) until the job finishes; a ``progress`` event is sent
+        with ``events=True``. Returns False when the job is not running (any more)."""
+        job_id = task_id or self.request.id
+        if job_id is None:
+            raise ConfigurationError("update_state() outside a running job needs task_id=")
+        if not isinstance(state, str) or not 0 < len(state) <= 64 or state in Status.__members__:
+            raise ConfigurationError(
+                f"update_state(state={state!r}): use a name of your own (1-64 characters), not one of taskpg's "
+                f"statuses ({', '.join(Status.__members__)})"
+            )
+        try:
+            written = self.app.store.update_progress(job_id, state, meta)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"task {self.name!r}: update_state meta is not JSON: {exc}") from exc
+        if written and self.app.send_events:
+            request = self.request
+            event = JobEvent(
+                "progress",
+                job_id,
+                self.name,
+                request.queue or "",
+                request.attempt,
+                time.time(),
+                {"state": state, "meta": meta},
+            )
+            try:
+                self.app.store.publish_events(events.payloads([event]))
+            except Exception as exc:
+                logger.warning("task %s: progress recorded, but its event could not be published: %s", self.name, exc)
+        return written
+
     def snooze(self, seconds: float) -> NoReturn:
         """Run again after ``seconds`` without spending an attempt; raises ``Snooze``."""
         raise Snooze(seconds)
@@ -130,6 +165,8 @@ class Task(Generic[P, R]):
         job, guard = planned.job, planned.guard
         buffered = self._through_buffer(via, session, connection, guard)
         header = self._header(job, buffered, args or (), kwargs or {}) if hooks.publishing() else None
+        if header is not None:
+            job = self._with_headers(job, header)
         if buffered:
             holder: str | None = self.app.buffer.push(job, planned.dedupe_key, self.options.unique_for, guard)
         else:
@@ -142,6 +179,23 @@ class Task(Generic[P, R]):
         if holder is None:
             return AsyncResult(self.app, job.id, self.name, throttled=True)
         return AsyncResult(self.app, holder, self.name)
+
+    def _with_headers(self, job: NewJob, header: dict[str, Any]) -> NewJob:
+        """The job with the headers publish receivers added (a traceparent), as JSON stored in its row."""
+        added = hooks.added_headers(header)
+        if not added:
+            return job
+        try:
+            text = codec.dumps(added)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"task {self.name!r}: headers a publish receiver added are not JSON: {exc}"
+            ) from exc
+        if len(text) > codec.MAX_HEADERS_BYTES:
+            raise SerializationError(
+                f"task {self.name!r}: headers take {len(text)} bytes, over the limit of {codec.MAX_HEADERS_BYTES}"
+            )
+        return dataclasses.replace(job, headers=text)
 
     def _tell_enqueued(self, store: Store, ids: Sequence[str | None], queue: str) -> None:
         """Publish ``enqueued`` events (``events=True``): in the caller's transaction when the store is
@@ -200,7 +254,8 @@ class Task(Generic[P, R]):
         """
         store = self._store(session, connection)
         guarded = self.options.throttle is not None or self.options.unique_key is not None
-        if not guarded and not self._through_buffer(via, session, connection, None):
+        # With publish receivers, each job may get headers of its own: row by row rather than one COPY.
+        if not guarded and not hooks.publishing() and not self._through_buffer(via, session, connection, None):
             return self._copy_many(calls, countdown, eta, queue, priority, store)
 
         planned: list[Planned] = []
@@ -216,9 +271,11 @@ class Task(Generic[P, R]):
                     one = self.build_job(args, kwargs, countdown=countdown, eta=eta, queue=queue, priority=priority)
                 except SerializationError as exc:
                     raise _item_error(index, exc) from exc
-                planned.append(one)
                 if hooked:
-                    published.append((self._header(one.job, buffered, args, kwargs), args, kwargs))
+                    header = self._header(one.job, buffered, args, kwargs)
+                    one = dataclasses.replace(one, job=self._with_headers(one.job, header))
+                    published.append((header, args, kwargs))
+                planned.append(one)
                 yield one.job
 
         if buffered:
@@ -250,57 +307,30 @@ class Task(Generic[P, R]):
         priority: int | None,
         store: Store,
     ) -> list[str | None]:
-        """delay_many's fast path (no throttle, no unique key, straight to Postgres): the options are
-        checked once for the batch, ids are made in bulk, and rows stream into one COPY."""
+        """delay_many's fast path (no throttle, no unique key, no publish receiver, straight to Postgres):
+        the options are checked once for the batch, ids are made in bulk, and rows stream into one COPY."""
         _check_timing(countdown, eta)
         ids: list[str | None] = []
-        published: list[tuple[dict[str, Any], Sequence[Any], Mapping[str, Any]]] = []
-        chosen_queue, chosen_priority, delay = self._queue(queue), self._priority(priority), float(countdown or 0.0)
-        make_header = None
-        if hooks.publishing():
-            make_header = functools.partial(
-                hooks.headers,
-                task=self.name,
-                queue=chosen_queue,
-                eta=eta,
-                countdown=delay,
-                priority=chosen_priority,
-                via="db",
-            )
         batch = JobBatch(
             task=self.name,
-            queue=chosen_queue,
-            priority=chosen_priority,
+            queue=self._queue(queue),
+            priority=self._priority(priority),
             max_attempts=self.options.max_attempts,
-            rows=self._rows(calls, ids, published, make_header),
+            rows=self._rows(calls, ids),
             eta=eta,
-            countdown=delay,
+            countdown=float(countdown or 0.0),
         )
         copy_batch(store, batch, self.app.announce)
         if self.app.send_events:
-            self._tell_enqueued(store, ids, chosen_queue)
-        for sent, args, kwargs in published:
-            hooks.after_publish(sent, args, kwargs)
+            self._tell_enqueued(store, ids, batch.queue)
         return ids
 
-    def _rows(
-        self,
-        calls: Iterable[Sequence[Any] | Mapping[str, Any]],
-        ids: list[str | None],
-        published: list[tuple[dict[str, Any], Sequence[Any], Mapping[str, Any]]],
-        batch: Callable[[str], dict[str, Any]] | None,
-    ) -> Iterator[Row]:
-        """(id, args JSON, kwargs JSON) per call, recording each id in ``ids`` as it is made (and, with
-        publish signals connected, sending before_task_publish: ``batch`` makes a job's headers)."""
+    def _rows(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]], ids: list[str | None]) -> Iterator[Row]:
+        """(id, args JSON, kwargs JSON) per call, recording each id in ``ids`` as it is made."""
         index = 0
         try:
             for index, (call, job_id) in enumerate(zip(calls, job_id_sequence(), strict=False)):
-                args, kwargs = _split_call(index, call)
-                args_json, kwargs_json = self._encode(args, kwargs)
-                if batch is not None:
-                    header = batch(job_id)
-                    hooks.before_publish(header, args, kwargs)
-                    published.append((header, args, kwargs))
+                args_json, kwargs_json = self._encode(*_split_call(index, call))
                 ids.append(job_id)
                 yield job_id, args_json, kwargs_json
         except SerializationError as exc:

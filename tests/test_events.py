@@ -55,8 +55,9 @@ def evented(pg_dsn: str, migrated_schema: str) -> Iterator[TaskPG]:
 
 
 def test_a_jobs_life_is_told_as_events(evented: TaskPG, run_worker: Any) -> None:
-    @evented.task(name="ev.ok")
-    def ok() -> str:
+    @evented.task(name="ev.ok", bind=True)
+    def ok(self: Any) -> str:
+        self.update_state(meta={"step": 1})
         return "ok"
 
     @evented.task(name="ev.flaky", bind=True)
@@ -74,7 +75,11 @@ def test_a_jobs_life_is_told_as_events(evented: TaskPG, run_worker: Any) -> None
             wait_watching_workers("the dead event", lambda: "dead" in watcher.of(bad.id), 10)
     finally:
         watcher.close()
-    assert watcher.of(good.id) == ["enqueued", "started", "succeeded"]
+    # progress is sent by the task itself, at once; started by the worker's publisher within 10 ms: either first
+    assert [t for t in watcher.of(good.id) if t != "progress"] == ["enqueued", "started", "succeeded"]
+    assert watcher.of(good.id).index("progress") < watcher.of(good.id).index("succeeded")
+    (progress,) = [e for e in watcher.events if e.type == "progress"]
+    assert progress.data == {"state": "PROGRESS", "meta": {"step": 1}}
     assert watcher.of(bad.id) == ["enqueued", "started", "failed", "retried", "started", "failed", "dead"]
     started = [e for e in watcher.events if e.job_id == bad.id and e.type == "started"]
     assert [(e.task, e.queue, e.attempt) for e in started] == [("ev.flaky", "default", 1), ("ev.flaky", "default", 2)]
@@ -174,3 +179,37 @@ def test_an_outcome_that_lost_its_lease_tells_no_event(evented: TaskPG) -> None:
     finally:
         completer.close(timeout=10)
     assert [o.job.id for o in applied] == [mine.id]  # the publisher is told only this one
+
+
+def test_the_async_variant_yields_the_same_events_without_blocking_the_loop(evented: TaskPG) -> None:
+    import asyncio
+
+    @evented.task(name="ev.async")
+    def noop() -> None:
+        return None
+
+    async def main() -> tuple[list[JobEvent], int]:
+        listening = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        ticks = 0
+
+        async def tick() -> None:  # runs while the listener waits: the loop is free
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        got: list[JobEvent] = []
+        stream = evented.aevents(types=["enqueued"], on_listening=lambda: loop.call_soon_threadsafe(listening.set))
+        reader = asyncio.create_task(anext(stream))
+        await listening.wait()
+        handle = await asyncio.to_thread(noop.delay)
+        got.append(await asyncio.wait_for(reader, 10))
+        await stream.aclose()
+        ticker.cancel()
+        assert got[0].job_id == handle.id
+        return got, ticks
+
+    got, ticks = asyncio.run(main())
+    assert [e.type for e in got] == ["enqueued"] and ticks > 0

@@ -7,6 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from support.waiting import wait_for
 
 from taskpg import TaskPG, TaskRevoked, TimeoutError
 from taskpg import result as result_module
@@ -142,3 +143,41 @@ def test_async_result_rebuilds_a_handle_from_an_id(app: TaskPG, noop, db: psycop
     finish(db, app, handle.id, "succeeded", result=3)
     assert again.get(timeout=5) == 3
     assert app.AsyncResult("01a20406-0000-7000-8000-000000000000").status == "PENDING"
+
+
+def test_update_state_reports_progress_while_the_job_runs(app: TaskPG, run_worker: Any) -> None:
+    halfway, release = threading.Event(), threading.Event()
+
+    @app.task(name="results.report", bind=True)
+    def report(self: Any, total: int) -> str:
+        assert self.update_state(state="PROGRESS", meta={"done": total // 2, "total": total})
+        halfway.set()
+        release.wait(10)
+        return "done"
+
+    handle = report.delay(10)
+    assert handle.status == "PENDING" and handle.progress is None
+    with run_worker(app):
+        assert halfway.wait(10)
+        wait_for(lambda: handle.status == "PROGRESS", 10, "the custom state")
+        assert handle.progress == {"done": 5, "total": 10}
+        release.set()
+        assert handle.get(timeout=10) == "done"
+    assert (handle.status, handle.progress) == ("SUCCESS", None)
+    assert report.update_state(meta={"late": True}, task_id=handle.id) is False  # not running any more
+
+
+def test_update_state_refuses_what_it_cannot_store(app: TaskPG) -> None:
+    from taskpg import ConfigurationError, SerializationError
+
+    @app.task(name="results.bad_state")
+    def nothing() -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="needs task_id"):
+        nothing.update_state(meta={})
+    some_id = nothing.delay().id
+    with pytest.raises(ConfigurationError, match="a name of your own"):
+        nothing.update_state(state="SUCCESS", task_id=some_id)
+    with pytest.raises(SerializationError, match="not JSON"):
+        nothing.update_state(meta={"when": object()}, task_id=some_id)

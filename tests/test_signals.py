@@ -319,3 +319,51 @@ def test_an_attempt_failed_by_its_time_limit_sends_no_success_later(
     assert seen.sent["task_success"] == []
     assert [s["state"] for s in seen.sent["task_postrun"]] == ["FAILURE"]
     assert [type(s["exception"]).__name__ for s in seen.sent["task_failure"]] == ["TimeLimitExceeded"]
+
+
+def test_headers_a_publish_receiver_adds_travel_with_the_job(
+    app: TaskPG, run_worker: Any, db: psycopg.Connection
+) -> None:
+    @app.task(name="sig.tenant", bind=True)
+    def tenant(self: Any, n: int) -> str:
+        return f"{self.request.headers.get('tenant')}:{n}"
+
+    def stamp(headers: dict[str, Any], **kwargs: Any) -> None:
+        headers["tenant"] = "acme"
+
+    signals.before_task_publish.connect(stamp)
+    try:
+        one = tenant.delay(1)
+        many = tenant.delay_many([(2,), (3,)])  # row by row while a publish receiver is connected
+    finally:
+        signals.before_task_publish.disconnect(stamp)
+    plain = tenant.delay(4)  # no receiver: no headers
+    rows = dict(db.execute(f'SELECT id::text, headers FROM "{app.schema}".jobs').fetchall())
+    assert [rows[i] for i in (one.id, *many)] == [{"tenant": "acme"}] * 3 and rows[plain.id] is None
+    with run_worker(app):
+        assert [app.AsyncResult(i).get(timeout=10) for i in (one.id, *many, plain.id)] == [
+            "acme:1",
+            "acme:2",
+            "acme:3",
+            "None:4",
+        ]
+
+
+def test_headers_that_are_not_json_or_too_large_are_refused_at_enqueue(app: TaskPG) -> None:
+    from taskpg import SerializationError
+
+    @app.task(name="sig.headers")
+    def noop() -> None:
+        return None
+
+    for bad in ({"when": object()}, {"blob": "x" * 9000}):
+
+        def add(headers: dict[str, Any], bad: dict[str, Any] = bad, **kwargs: Any) -> None:
+            headers.update(bad)
+
+        signals.before_task_publish.connect(add)
+        try:
+            with pytest.raises(SerializationError, match="headers"):
+                noop.delay()
+        finally:
+            signals.before_task_publish.disconnect(add)

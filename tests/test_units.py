@@ -1636,3 +1636,17 @@ def test_a_full_notify_queue_is_the_servers_limit_not_a_bad_value() -> None:
 
     assert refuses_value(psycopg.errors.ProgramLimitExceeded("index row size 3000 exceeds btree version 4 maximum"))
     assert not refuses_value(psycopg.errors.ProgramLimitExceeded("too many notifications in the NOTIFY queue"))
+
+
+def test_decode_keeps_an_envelopes_headers_and_refuses_bad_ones(declared: TaskPG) -> None:
+    good = decode('{"task": "emails.send", "headers": {"traceparent": "00-abc-def-01"}}', declared.tasks, 10_000)
+    assert isinstance(good, NewJob) and json.loads(good.headers or "") == {"traceparent": "00-abc-def-01"}
+    for headers in ('["not", "an", "object"]', json.dumps({"big": "x" * 9000})):
+        bad = decode(f'{{"task": "emails.send", "headers": {headers}}}', declared.tasks, 100_000)
+        assert isinstance(bad, Rejected) and "'headers'" in bad.reason
+
+
+def test_encode_carries_headers_through_decode(declared: TaskPG) -> None:
+    job = dataclasses.replace(declared.tasks["emails.send"].build_job(("hi",)).job, headers='{"k":"v"}')
+    decoded = decode(encode(job), declared.tasks, 10_000)
+    assert isinstance(decoded, NewJob) and decoded.headers == '{"k":"v"}'
