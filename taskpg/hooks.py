@@ -183,21 +183,22 @@ def added_headers(header: dict[str, Any]) -> dict[str, Any]:
 
 
 def before_publish(header: dict[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    signals.before_task_publish.send(
-        sender=header["task"],
-        body=(tuple(args), dict(kwargs), {}),
-        exchange="",
-        routing_key=header["queue"],
-        headers=header,
-        properties={},
-    )
+    _publish(signals.before_task_publish, header, args, kwargs, properties={})
 
 
 def after_publish(header: dict[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    signals.after_task_publish.send(
+    _publish(signals.after_task_publish, header, args, kwargs)
+
+
+def _publish(
+    signal: signals.Signal, header: dict[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any], **extra: Any
+) -> None:
+    """A publish signal with Celery's arguments: the task's name as sender, ``(args, kwargs, {})`` as body."""
+    signal.send(
         sender=header["task"],
         body=(tuple(args), dict(kwargs), {}),
         exchange="",
         routing_key=header["queue"],
         headers=header,
+        **extra,
     )
