@@ -164,6 +164,7 @@ def child_main(
     while True:
         sent: tuple[ClaimedJob, Request] | None = conn.recv()
         if sent is None:
+            logs.flush()  # the lines still queued, for at most 2 s
             return
         prepared = executor.adopt(*sent)  # the parent decoded and checked the arguments already
         if isinstance(prepared, Outcome):
