@@ -1650,3 +1650,28 @@ def test_encode_carries_headers_through_decode(declared: TaskPG) -> None:
     job = dataclasses.replace(declared.tasks["emails.send"].build_job(("hi",)).job, headers='{"k":"v"}')
     decoded = decode(encode(job), declared.tasks, 10_000)
     assert isinstance(decoded, NewJob) and decoded.headers == '{"k":"v"}'
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://app:s3cret@db/app", "postgresql://app:***@db/app"),
+        ("postgresql://app:p@ss:w/rd@db:5432/app?sslmode=require", "postgresql://app:***@db:5432/app?sslmode=require"),
+        ("postgresql://app@db/app", "postgresql://app@db/app"),
+        (
+            "postgresql://db/app?user=app&password=secret&sslmode=require",
+            "postgresql://db/app?user=app&password=***&sslmode=require",
+        ),
+        ("host=db password='my secret' dbname=app", "host=db password=*** dbname=app"),
+        ("host=db password=plain dbname=app", "host=db password=*** dbname=app"),
+        ("host=db password='it\\'s' dbname=app", "host=db password=*** dbname=app"),
+        ("postgresql+psycopg://u:x@h/d", "postgresql+psycopg://u:***@h/d"),
+    ],
+)
+def test_redact_hides_every_form_of_password(dsn: str, shown: str) -> None:
+    from taskpg.dsn import redact
+
+    assert redact(dsn) == shown
+    assert all(
+        secret not in redact(dsn) for secret in ("s3cret", "p@ss", "w/rd", "secret", "my secret", "plain", "it\\'s")
+    )
