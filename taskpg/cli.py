@@ -284,7 +284,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     demo.app.configure(dsn=args.dsn, schema=args.schema)
-    return demo.run(jobs=args.jobs, concurrency=args.concurrency)
+    return demo.run(jobs=args.jobs, concurrency=args.concurrency, reset=args.reset)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -399,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="a self-contained tour on the embedded Postgres")
     demo.add_argument("--jobs", type=int, default=300)
     demo.add_argument("-c", "--concurrency", type=int, default=8)
+    demo.add_argument("--reset", action="store_true", help="empty the demo's schema first (only a schema it created)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

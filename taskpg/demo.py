@@ -7,12 +7,13 @@ Postgres, so it works on a machine with nothing but Python.
 from __future__ import annotations
 
 import random
+import sys
 import time
+from collections import Counter
 
 from . import migrate
 from .app import TaskPG
 from .dsn import configured_dsn, redact
-from .ops import job_counts
 from .worker import Worker
 
 app = TaskPG(schema="taskpg_demo")
@@ -45,12 +46,29 @@ def charge_card(order_id: int) -> None:
     raise ValueError(f"card declined for order {order_id}")
 
 
-def run(jobs: int = 300, concurrency: int = 8) -> int:
-    """Run the demo; returns a process exit code."""
+def prepare(reset: bool) -> str | None:
+    """Make the demo's schema ready; returns why it must not be used (a schema it did not create)."""
+    revision = migrate.current(app.dsn, app.schema)
+    if revision is not None and not app.store.is_demo_schema():
+        return (
+            f"schema {app.schema!r} holds a taskpg queue that taskpg demo did not create: the demo never touches it; "
+            "run it on its own schema (the default, taskpg_demo, or --schema NEW)"
+        )
+    if revision is not None and reset:
+        migrate.downgrade(app.dsn, app.schema, "base")  # a demo schema, asked for: start from empty tables
+    app.migrate()
+    app.store.mark_demo_schema()
+    return None
+
+
+def run(jobs: int = 300, concurrency: int = 8, reset: bool = False) -> int:
+    """Run the demo; returns a process exit code (2 when the schema is not the demo's)."""
     where = "the embedded Postgres" if configured_dsn() is None else redact(app.dsn)
     print(f"taskpg demo: schema {app.schema!r} on {where}")
-    migrate.downgrade(app.dsn, app.schema, "base")  # start from empty tables
-    app.migrate()
+    refusal = prepare(reset)
+    if refusal is not None:
+        print(f"taskpg demo: {refusal}", file=sys.stderr)
+        return 2
     images = jobs * 2 // 3
     started = time.monotonic()
     handles = [resize_image.delay(0, 64)]
@@ -74,13 +92,15 @@ def run(jobs: int = 300, concurrency: int = 8) -> int:
             app.AsyncResult(job_id).get(timeout=60)
         elapsed = time.monotonic() - started
 
-    counts = job_counts(app.store).get("demo", {})
+    this_run = [h.id for h in (*handles, *emails, declined)] + ids
+    counts = dict(Counter(str((app.AsyncResult(i).info() or {}).get("state")) for i in this_run))
     retried = sum(1 for h in emails if (h.info() or {}).get("attempt", 0) > 1)
     print(f"worker ran them in {elapsed:.2f} s ({enqueued / elapsed:.0f} jobs/s, {concurrency} threads)")
     print(f"job states: {counts}")
     print(f"emails that succeeded after a retry: {retried}")
     print(f"a result: {results[-1]!r}")
     print(f"the failed job raised: {failure}")
-    print("inspect one with `taskpg inspect ID`, list failures with `taskpg dead list`")
+    print(f"inspect the failed job: taskpg inspect {declined.id} --schema {app.schema}")
+    print(f"list dead jobs:         taskpg dead list --schema {app.schema}")
     app.close()
     return 0

@@ -556,6 +556,13 @@ UNION ALL
 SELECT queue, 'dead', count(*), NULL FROM {jobs} WHERE state = 'dead' GROUP BY queue
 """
 
+# taskpg demo's mark on the schemas it creates: it never touches a schema without it.
+MARK_DEMO_SCHEMA = "COMMENT ON SCHEMA {schema} IS 'created by taskpg demo'"
+IS_DEMO_SCHEMA = """
+SELECT coalesce(obj_description(n.oid, 'pg_namespace') = 'created by taskpg demo', false)
+FROM pg_namespace AS n WHERE n.nspname = %(schema)s
+"""
+
 JOB_COUNTS = """
 SELECT queue, state, count(*) FROM {jobs} GROUP BY queue, state ORDER BY queue, state
 """
@@ -652,6 +659,8 @@ class Queries:
         self.record_buffer_loss = self._render(RECORD_BUFFER_LOSS)
         self.buffer_losses = self._render(BUFFER_LOSSES)
         self.job_counts = self._render(JOB_COUNTS)
+        self.mark_demo_schema = self._render(MARK_DEMO_SCHEMA)
+        self.is_demo_schema = self._render(IS_DEMO_SCHEMA)
         self.queue_depths = self._render(QUEUE_DEPTHS)
         self.list_workers = self._render(LIST_WORKERS)
         self.dead_list = self._render(DEAD_LIST)
@@ -662,6 +671,7 @@ class Queries:
         return (
             sql.SQL(template)
             .format(
+                schema=sql.Identifier(self.schema),
                 jobs=sql.Identifier(self.schema, "jobs"),
                 workers=sql.Identifier(self.schema, "workers"),
                 periodic_ticks=sql.Identifier(self.schema, "periodic_ticks"),

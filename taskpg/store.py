@@ -619,6 +619,14 @@ class Store:
             counts.setdefault(queue, {})[state] = int(count)
         return counts
 
+    def mark_demo_schema(self) -> None:
+        """Mark this schema as made by ``taskpg demo`` (the only kind of schema the demo may reset)."""
+        self._count(self.q.mark_demo_schema)
+
+    def is_demo_schema(self) -> bool:
+        row = self._one(self.q.is_demo_schema, {"schema": self.schema})
+        return bool(row and row[0])
+
     def queue_depths(self) -> list[QueueDepth]:
         """Jobs per queue in the states metrics report (each read through its partial index)."""
         return [QueueDepth(q, s, int(n), age) for q, s, n, age in self._all(self.q.queue_depths)]

@@ -1,0 +1,57 @@
+"""docs/operations.md#taskpg-demo: the demo runs on its own schema, again and again, and never destroys data."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import TYPE_CHECKING
+
+from support.processes import taskpg_command, taskpg_env
+
+from taskpg import TaskPG
+
+if TYPE_CHECKING:
+    import psycopg
+
+
+def demo(pg_dsn: str, schema: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = ("demo", "--dsn", pg_dsn, "--schema", schema, "--jobs", "60", *extra)
+    with taskpg_command(*argv, env=taskpg_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_the_demo_runs_again_on_its_schema_and_tells_how_to_look_around(
+    pg_dsn: str, schema: str, db: psycopg.Connection
+) -> None:
+    first = demo(pg_dsn, schema)
+    assert first.returncode == 0, first.stderr
+    second = demo(pg_dsn, schema)  # no --reset: nothing dropped, this run's jobs counted
+    assert second.returncode == 0, second.stderr
+    assert "job states: {'succeeded': 59, 'dead': 1}" in second.stdout  # this run's 60 jobs, not all 120
+    assert db.execute(f'SELECT count(*) FROM "{schema}".jobs').fetchone() == (120,)
+    job_id = re.search(r"taskpg inspect (\S+) --schema", second.stdout)
+    assert job_id is not None and f"--schema {schema}" in second.stdout
+    assert len(second.stdout.splitlines()) < 15  # a short story at the default log level
+    reset = demo(pg_dsn, schema, "--reset")
+    assert reset.returncode == 0, reset.stderr
+    assert db.execute(f'SELECT count(*) FROM "{schema}".jobs').fetchone() == (60,)
+
+
+def test_the_demo_never_touches_a_schema_it_did_not_create(
+    pg_dsn: str, migrated_schema: str, db: psycopg.Connection
+) -> None:
+    app = TaskPG(pg_dsn, schema=migrated_schema)
+
+    @app.task(name="precious")
+    def precious() -> None:
+        return None
+
+    kept = precious.delay()
+    for extra in ((), ("--reset",)):
+        refused = demo(pg_dsn, migrated_schema, *extra)
+        assert refused.returncode == 2
+        assert "did not create: the demo never touches it" in refused.stderr
+    rows = db.execute(f'SELECT id::text FROM "{migrated_schema}".jobs').fetchall()
+    assert rows == [(kept.id,)]
+    app.close()
