@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 from . import deadletter, durability, logs, metrics, migrate, ops
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines or JSON lines")
 
     parser = argparse.ArgumentParser(prog="taskpg", description="A Celery-style task queue on PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"taskpg {version('taskpg')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     worker = sub.add_parser("worker", parents=[common], help="run jobs")
@@ -317,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "-c", "--concurrency", type=int, default=w.concurrency, help="jobs run at once (default: %(default)s)"
     )
-    worker.add_argument("--pool", choices=POOL_CHOICES, default=w.pool)
+    worker.add_argument("-P", "--pool", choices=POOL_CHOICES, default=w.pool)
     worker.add_argument(
         "--time-limit-pool",
         choices=TIME_LIMIT_POOLS,
@@ -342,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--rescue-after", type=float, default=w.rescue_after, help="rescue jobs of workers silent this long (s)"
     )
-    worker.add_argument("--beat", action="store_true", help="also run the periodic scheduler in this process")
+    worker.add_argument("-B", "--beat", action="store_true", help="also run the periodic scheduler in this process")
     worker.add_argument("--no-flush", action="store_true", help="do not run the Redis buffer flusher here")
     worker.add_argument(
         "-E", "--events", action="store_true", help="publish job events (started, outcomes) for `taskpg events`"

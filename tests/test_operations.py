@@ -6,6 +6,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from support.rows import jobs_by_id, tables
 
 from taskpg.schema import SCHEMA_REVISION
@@ -104,3 +105,15 @@ def test_inspect_prints_the_job_with_its_errors(
     result = cli(app.schema, "inspect", unknown)
     assert (result.code, result.out) == (1, "")
     assert unknown in result.err
+
+
+def test_version_and_celerys_short_worker_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    from taskpg.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"taskpg {version('taskpg')}"
+    args = build_parser().parse_args(["worker", "-A", "m", "-P", "processes", "-B"])
+    assert (args.pool, args.beat) == ("processes", True)
