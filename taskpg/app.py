@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from . import codec, embedded, migrate
+from . import codec, control, embedded, migrate, ops
 from . import events as events_module
 from .buffer import BufferProducer, buffer_key
 from .connections import Connections
@@ -285,6 +285,48 @@ class TaskPG:
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"set_retention({queue!r}): {exc}") from exc
 
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Enqueue a job by task name (Celery's ``send_task``): the task need not be registered here,
+        only in the workers that run it. Takes ``apply_async``'s options; the queue defaults to the
+        registered task's, else the app's default queue."""
+        task = self.tasks.get(name)
+        if task is None:
+            task = Task(self, _not_here(name), validate_task_name(name), TaskOptions.build(self.default_queue))
+        return task.apply_async(args, kwargs, **options)
+
+    # -- queue control and status --------------------------------------------------------------
+
+    def pause_queue(self, name: str) -> bool:
+        """Stop every worker from claiming ``name``'s jobs (BullMQ's ``queue.pause()``) until
+        ``resume_queue``; jobs already claimed finish. False when it was paused already."""
+        return control.pause_queue(self.store, name)
+
+    def resume_queue(self, name: str) -> bool:
+        """Let ``name``'s jobs be claimed again, waking its workers; False when it was not paused."""
+        return control.resume_queue(self.store, name)
+
+    def paused_queues(self) -> list[str]:
+        """The names of the paused queues."""
+        return list(control.paused_queues(self.store))
+
+    def purge(self, queues: Sequence[str] | None = None, task: str | None = None) -> int:
+        """Cancel the waiting jobs (available and scheduled) of ``queues`` (every queue when None)
+        and/or of one ``task`` (Celery's ``purge``); returns how many. Running jobs are left alone."""
+        return control.purge(self.store, queues, task)
+
+    def queue_status(self) -> dict[str, dict[str, Any]]:
+        """Per queue: waiting, active, completed, failed, delayed (BullMQ's ``getJobCounts``),
+        cancelled, paused, oldest waiting age, jobs finished in the last minute, and its limits."""
+        limits = {name: (_text(q.rate_limit), q.concurrency) for name, q in self.queues.items()}
+        known = [self.default_queue, *(t.options.queue for t in self.tasks.values())]
+        return ops.queue_status(self.store, limits, known)
+
     def AsyncResult(self, id: str) -> AsyncResult:
         """A handle for an existing job id."""
         return AsyncResult(self, str(id))
@@ -312,6 +354,17 @@ class TaskPG:
         """``events`` for asyncio code (``async for event in app.aevents(...)``): the LISTEN runs in a
         thread of its own, so the event loop never blocks."""
         return events_module.alisten(self.store, queues, types, timeout, on_listening)
+
+
+def _text(value: object | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _not_here(name: str) -> Callable[..., Any]:
+    def not_registered(*args: Any, **kwargs: Any) -> Any:
+        raise ConfigurationError(f"task {name!r} is not registered in this process: it runs in a worker")
+
+    return not_registered
 
 
 def _debounce(value: float | None) -> float | None:

@@ -1,4 +1,4 @@
-"""The ``taskpg`` command: worker, migrate, status, inspect, dead, demo."""
+"""The ``taskpg`` command: worker, beat, migrate, status, jobs, inspect, queue, purge, call, dead, demo..."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import threading
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-from . import deadletter, durability, logs, metrics, migrate, ops
+from . import control, deadletter, durability, embedded, logs, metrics, migrate, ops
 from .app import TaskPG
 from .beat import Beat, describe_schedules
-from .dsn import redact
+from .dsn import configured_dsn, redact
 from .exceptions import TaskpgError
 from .flusher import Flusher
-from .job import JobState
+from .job import FINISHED_STATES, JobState
 from .pools import POOL_CHOICES
 from .rates import parse_duration
 from .task import current_request
@@ -71,10 +71,21 @@ def app_from_args(args: argparse.Namespace) -> TaskPG:
 
 def _app_from_args(args: argparse.Namespace) -> TaskPG:
     if not args.app:
+        if configured_dsn(args.dsn) is None and not args.embedded and not _embedded_cluster_exists():
+            raise SystemExit(
+                f"taskpg {args.command}: no database to work on: set TASKPG_DSN (or DATABASE_URL, or --dsn), "
+                f"name your app with -A MODULE[:APP], or pass --embedded to start an embedded Postgres in "
+                f"{embedded.default_data_dir()}"
+            )
         return TaskPG(args.dsn, schema=args.schema, redis_url=args.redis_url)
     app, _ = load_app(args.app)
     app.configure(dsn=args.dsn, schema=args.schema, redis_url=args.redis_url)
     return app
+
+
+def _embedded_cluster_exists() -> bool:
+    """Whether an embedded cluster was made here before (its data directory holds a PG_VERSION)."""
+    return any(embedded.default_data_dir().glob("*/PG_VERSION"))
 
 
 def printable(value: Any) -> str:
@@ -132,15 +143,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     app = app_from_args(args)
     app.store.check_schema()
 
-    def split(text: str | None) -> list[str] | None:
-        return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
-
     def ready() -> None:
         print(f"listening for job events of schema {app.schema!r}", flush=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        for event in app.events(split(args.queues), split(args.types), on_listening=ready):
+        for event in app.events(_names(args.queues), _names(args.types), on_listening=ready):
             print(json.dumps(dataclasses.asdict(event)), flush=True)
     except KeyboardInterrupt:
         pass
@@ -224,13 +232,123 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Celery's ``inspect`` subcommands -> the state ``taskpg jobs`` lists for them.
+CELERY_INSPECT = {"active": "running", "reserved": "running", "scheduled": "scheduled"}
+#: ``taskpg jobs --state``: taskpg's states, and Celery's names for some of them.
+JOB_STATE_CHOICES = (*[s.value for s in JobState], *CELERY_INSPECT)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.job_id in CELERY_INSPECT:
+        state = CELERY_INSPECT[args.job_id]
+        print(
+            f"taskpg inspect takes a job id; Celery's `inspect {args.job_id}` is `taskpg jobs --state {state}`:",
+            file=sys.stderr,
+        )
+        args.state, args.queues, args.task, args.search, args.limit, args.json = state, None, None, None, 50, False
+        return cmd_jobs(args)
     app = app_from_args(args)
     job = ops.inspect_job(app.store, args.job_id)
     if job is None:
         print(f"taskpg: no job {args.job_id}", file=sys.stderr)
         return 1
     print(json.dumps(dataclasses.asdict(job), default=str, indent=2))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """Jobs in one state, filtered (Celery's ``inspect active/scheduled/reserved``)."""
+    app = app_from_args(args)
+    state = JobState(CELERY_INSPECT.get(args.state, args.state))
+    jobs = ops.list_jobs(app.store, state, _names(args.queues), args.task, args.search, args.limit)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(j) for j in jobs], default=str, indent=2))
+        return 0
+    when = {JobState.RUNNING: "started", JobState.AVAILABLE: "due", JobState.SCHEDULED: "runs at"}.get(state, "ended")
+
+    def moment(job: Any) -> Any:
+        if state in FINISHED_STATES:
+            return job.finished_at
+        return job.started_at if state is JobState.RUNNING else job.run_at
+
+    _print_table(
+        [
+            [j.id, j.task, j.queue, f"{j.attempt}/{j.max_attempts}", moment(j), j.worker_id or "", _last_error(j)]
+            for j in jobs
+        ],
+        ["id", "task", "queue", "attempt", when, "worker", "last error"],
+    )
+    if len(jobs) == args.limit:
+        print(f"(the first {args.limit}; --limit for more)")
+    return 0
+
+
+def _last_error(job: Any) -> str:
+    return f"{job.error_type}: {job.error_message}" if job.error_type else ""
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None when not given)."""
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """Pause, resume or list paused queues."""
+    app = app_from_args(args)
+    if args.action == "list":
+        paused = control.paused_queues(app.store)
+        _print_table([[q, at] for q, at in paused.items()], ["paused queue", "since"])
+        return 0
+    if not args.names:
+        raise SystemExit(f"taskpg queue {args.action}: name the queue(s)")
+    for name in args.names:
+        if args.action == "pause":
+            changed = control.pause_queue(app.store, name)
+            print(f"queue {name!r}: {'paused' if changed else 'was paused already'}; jobs already claimed finish")
+        else:
+            changed = control.resume_queue(app.store, name)
+            print(f"queue {name!r}: {'resumed, workers woken' if changed else 'was not paused'}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Cancel waiting jobs (Celery's ``purge``), after a confirmation unless -f."""
+    app = app_from_args(args)
+    queues = _names(args.queues)
+    where = f"queue(s) {', '.join(queues)}" if queues else "every queue"
+    where += f", task {args.task}" if args.task else ""
+    if not args.force:
+        count = control.count_waiting(app.store, queues, args.task)
+        if count == 0:
+            print(f"no waiting job in {where}")
+            return 0
+        if not sys.stdin.isatty():
+            raise SystemExit(f"taskpg purge: {count} waiting job(s) in {where}; add -f to cancel them (no terminal)")
+        answer = input(f"cancel {count} waiting job(s) in {where}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing cancelled")
+            return 1
+    print(f"{control.purge(app.store, queues, args.task)} waiting job(s) cancelled in {where}")
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Enqueue one job by task name (Celery's ``call``); prints its id."""
+    app = app_from_args(args)
+    try:
+        call_args = json.loads(args.args)
+        call_kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"taskpg call: --args and --kwargs take JSON: {exc}") from None
+    if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
+        raise SystemExit("taskpg call: --args takes a JSON array and --kwargs a JSON object")
+    if args.app and args.task not in app.tasks:
+        known = ", ".join(sorted(app.tasks)) or "none"
+        raise SystemExit(f"taskpg call: no task {args.task!r} in {args.app} (its tasks: {known})")
+    result = app.send_task(
+        args.task, call_args, call_kwargs, countdown=args.countdown, queue=args.queue, priority=args.priority
+    )
+    print(result.id)
     return 0
 
 
@@ -306,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="taskpg's log level (default: warning)",
     )
     common.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines or JSON lines")
+    common.add_argument(
+        "--embedded", action="store_true", help="with no DSN and no app: use (or start) the embedded Postgres here"
+    )
 
     parser = argparse.ArgumentParser(prog="taskpg", description="A Celery-style task queue on PostgreSQL.")
     parser.add_argument("--version", action="version", version=f"taskpg {version('taskpg')}")
@@ -385,8 +506,37 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     insp = sub.add_parser("inspect", parents=[common], help="one job with its error history")
-    insp.add_argument("job_id")
+    insp.add_argument("job_id", help="a job id (Celery's `inspect active/scheduled/reserved`: see `taskpg jobs`)")
     insp.set_defaults(func=cmd_inspect)
+
+    jobs = sub.add_parser("jobs", parents=[common], help="jobs in one state (Celery's inspect active/scheduled)")
+    jobs.add_argument("--state", choices=JOB_STATE_CHOICES, default="running", help="default: running")
+    jobs.add_argument("-Q", "--queues", help="only these queues (comma-separated)")
+    jobs.add_argument("--task", help="only this task")
+    jobs.add_argument("--search", help="only ids starting with this")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(func=cmd_jobs)
+
+    queue = sub.add_parser("queue", parents=[common], help="pause or resume queues, list the paused ones")
+    queue.add_argument("action", choices=["pause", "resume", "list"])
+    queue.add_argument("names", nargs="*", help="queue names")
+    queue.set_defaults(func=cmd_queue)
+
+    purge = sub.add_parser("purge", parents=[common], help="cancel waiting jobs (available and scheduled)")
+    purge.add_argument("-Q", "--queues", help="only these queues (comma-separated; default: every queue)")
+    purge.add_argument("--task", help="only this task")
+    purge.add_argument("-f", "--force", action="store_true", help="do not ask for a confirmation")
+    purge.set_defaults(func=cmd_purge)
+
+    call = sub.add_parser("call", parents=[common], help="enqueue one job by task name; prints its id")
+    call.add_argument("task", help="the task's registered name")
+    call.add_argument("--args", default="[]", help="positional arguments as a JSON array")
+    call.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    call.add_argument("--countdown", type=float, help="seconds before it may start")
+    call.add_argument("--queue", help="queue (default: the task's, else the app's default queue)")
+    call.add_argument("--priority", type=int)
+    call.set_defaults(func=cmd_call)
 
     dead = sub.add_parser("dead", parents=[common], help="list, retry or purge dead jobs")
     dead.add_argument("action", choices=["list", "retry", "purge"])

@@ -209,14 +209,16 @@ CLAIM_SESSION = "SET enable_bitmapscan = off"
 # Claim up to %(limit)s jobs. For each queue served, a LATERAL subquery walks jobs_claim_idx
 # (queue, priority DESC, run_at, id) in claim order and locks candidates with FOR UPDATE SKIP
 # LOCKED: rows another worker holds are skipped, never waited for, and no sort of the backlog is
-# needed (`queue = ANY(...)` alone would sort every available row). The best %(limit)s across
-# queues are then taken; candidates locked but not taken are released when the statement
+# needed (`queue = ANY(...)` alone would sort every available row). A paused queue (a row in
+# queue_pauses, read by every claim: no worker caches it) is left out before its index is walked.
+# The best %(limit)s across queues are then taken; candidates locked but not taken are released when the statement
 # commits. Keeping the locking SELECT in a CTE pins the LIMIT: the UPDATE touches exactly those
 # rows. Each claim mints a new lease token that fences every later write of this attempt.
 CLAIM_JOBS = """
 WITH candidates AS (
     SELECT c.id, c.priority, c.run_at
-    FROM unnest(%(queues)s::text[]) AS served(queue),
+    FROM (SELECT queue FROM unnest(%(queues)s::text[]) AS listed(queue)
+          WHERE NOT EXISTS (SELECT 1 FROM {queue_pauses} AS p WHERE p.queue = listed.queue)) AS served,
          LATERAL (SELECT id, priority, run_at FROM {jobs}
                   WHERE state = 'available' AND queue = served.queue
                   ORDER BY priority DESC, run_at, id
@@ -563,13 +565,98 @@ SELECT coalesce(obj_description(n.oid, 'pg_namespace') = 'created by taskpg demo
 FROM pg_namespace AS n WHERE n.nspname = %(schema)s
 """
 
-JOB_COUNTS = """
-SELECT queue, state, count(*) FROM {jobs} GROUP BY queue, state ORDER BY queue, state
+# Jobs per queue in the states that hold few rows (available, scheduled, running), each read through
+# the partial index whose predicate it matches, never the finished rows; 'recent' counts the jobs that
+# finished (succeeded or dead) within %(window)s seconds, read from the finished index's newest end
+# (index-only: the index includes the queue). For available, the age of the oldest due job.
+QUEUE_COUNTS = """
+SELECT queue, 'available', count(*), EXTRACT(EPOCH FROM now() - min(run_at))::float8
+FROM {jobs} WHERE state = 'available' GROUP BY queue
+UNION ALL
+SELECT queue, 'scheduled', count(*), NULL FROM {jobs} WHERE state = 'scheduled' GROUP BY queue
+UNION ALL
+SELECT queue, 'running', count(*), NULL FROM {jobs} WHERE state = 'running' GROUP BY queue
+UNION ALL
+SELECT queue, 'recent', count(*), NULL FROM {jobs}
+WHERE state IN ('succeeded', 'dead') AND finished_at > now() - %(window)s * interval '1 second' GROUP BY queue
 """
+
+# Finished states can hold millions of rows, so they are counted in two steps. First, whether a state
+# holds more than %(cap)s rows, reading at most that many entries of the finished index.
+FINISHED_OVER = "SELECT count(*) > %(cap)s FROM (SELECT 1 FROM {jobs} WHERE state = %(state)s LIMIT %(cap)s + 1) AS c"
+
+# Up to the cap, exactly: an index-only scan of that state's slice of the finished index.
+FINISHED_COUNTS = "SELECT queue, count(*) FROM {jobs} WHERE state = %(state)s GROUP BY queue"
+
+# Over it, an estimate from a sample of about %(pages)s of the table's pages (TABLESAMPLE SYSTEM reads
+# whole random pages): the counts found, to be scaled by 100 / %(percent)s. The table's size in pages
+# comes from TABLE_PAGES (its current size, not planner statistics, which go stale without autovacuum).
+TABLE_PAGES = "SELECT pg_relation_size(%(table)s::regclass) / current_setting('block_size')::bigint"
+FINISHED_SAMPLE = """
+SELECT queue, count(*) FROM {jobs} TABLESAMPLE SYSTEM (%(percent)s) WHERE state = %(state)s GROUP BY queue
+"""
+
+# -- queue control -----------------------------------------------------------------------------
+
+# Pause a queue: from this statement's commit on, no claim takes its jobs (CLAIM_JOBS reads this
+# table). Jobs already claimed run to their end. Returns 1 when the queue was not paused yet.
+PAUSE_QUEUE = "INSERT INTO {queue_pauses} (queue) VALUES (%(queue)s) ON CONFLICT (queue) DO NOTHING"
+
+# Resume a queue and wake its workers (the NOTIFY is sent at the commit, after the row is gone).
+RESUME_QUEUE = """
+WITH resumed AS (DELETE FROM {queue_pauses} WHERE queue = %(queue)s RETURNING queue)
+SELECT pg_notify(%(channel)s, queue) FROM resumed
+"""
+
+PAUSED_QUEUES = "SELECT queue, paused_at FROM {queue_pauses} ORDER BY queue"
+
+# Cancel waiting jobs (available and scheduled) of some queues and/or a task: `taskpg purge`. The
+# state test runs under each row's lock, so a job a worker claimed a moment ago is left alone (as in
+# REVOKE_JOB). Returns the ids cancelled, for AsyncResult.get() waiters (announced after the commit).
+PURGE_WAITING = """
+UPDATE {jobs} SET state = 'cancelled', finished_at = now()
+WHERE state IN ('available', 'scheduled')
+  AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+RETURNING id::text
+"""
+
+# What PURGE_WAITING would cancel now (the number `taskpg purge` asks to confirm).
+COUNT_WAITING = """
+SELECT count(*) FROM {jobs}
+WHERE state IN ('available', 'scheduled')
+  AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+"""
+
+# Jobs in one state, newest activity first for finished ones and in run order for the others, with
+# optional filters: queues, a task, and the start of an id. Each order follows the index of its state
+# (claim, scheduled, running by worker, finished by state and finished_at), so a page of a million
+# finished jobs is read from the index's end. {order} is filled from JOB_ORDER, never from input.
+LIST_JOBS = """
+SELECT id::text, task, queue, state, attempt, max_attempts, priority, run_at, created_at, started_at, finished_at,
+       worker_id, errors -> -1 ->> 'type', errors -> -1 ->> 'message'
+FROM {jobs}
+WHERE state = %(state)s
+  AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(id_prefix)s::text IS NULL OR id::text LIKE %(id_prefix)s || '%%')
+ORDER BY {order}
+LIMIT %(limit)s OFFSET %(offset)s
+"""
+JOB_ORDER = {
+    "available": "priority DESC, run_at, id",
+    "scheduled": "run_at, id",
+    "running": "started_at, id",
+    "succeeded": "finished_at DESC, id",
+    "dead": "finished_at DESC, id",
+    "cancelled": "finished_at DESC, id",
+}
 
 LIST_WORKERS = """
 SELECT id, hostname, pid, queues, concurrency, started_at, heartbeat_at,
-       heartbeat_at > now() - %(alive_within)s * interval '1 second' AS alive
+       heartbeat_at > now() - %(alive_within)s * interval '1 second' AS alive,
+       coalesce(cardinality(running), 0) AS in_flight
 FROM {workers} ORDER BY started_at
 """
 
@@ -596,9 +683,11 @@ WITH retried AS (
 SELECT count(*), (SELECT count(*) FROM woken) FROM retried
 """
 
+# Delete dead jobs: older than %(older_than)s seconds, or the ones named (the dashboard's purge).
 DEAD_PURGE = """
 DELETE FROM {jobs}
 WHERE state = 'dead' AND finished_at < now() - %(older_than)s * interval '1 second'
+  AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
   AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND (%(task)s::text IS NULL OR task = %(task)s)
 """
 
@@ -658,7 +747,17 @@ class Queries:
         self.prune_limits = self._render(PRUNE_LIMITS)
         self.record_buffer_loss = self._render(RECORD_BUFFER_LOSS)
         self.buffer_losses = self._render(BUFFER_LOSSES)
-        self.job_counts = self._render(JOB_COUNTS)
+        self.queue_counts = self._render(QUEUE_COUNTS)
+        self.finished_over = self._render(FINISHED_OVER)
+        self.finished_counts = self._render(FINISHED_COUNTS)
+        self.table_pages = self._render(TABLE_PAGES)
+        self.finished_sample = self._render(FINISHED_SAMPLE)
+        self.pause_queue = self._render(PAUSE_QUEUE)
+        self.resume_queue = self._render(RESUME_QUEUE)
+        self.paused_queues = self._render(PAUSED_QUEUES)
+        self.purge_waiting = self._render(PURGE_WAITING)
+        self.count_waiting = self._render(COUNT_WAITING)
+        self.list_jobs = {state: self._render(LIST_JOBS.replace("{order}", by)) for state, by in JOB_ORDER.items()}
         self.mark_demo_schema = self._render(MARK_DEMO_SCHEMA)
         self.is_demo_schema = self._render(IS_DEMO_SCHEMA)
         self.queue_depths = self._render(QUEUE_DEPTHS)
@@ -680,6 +779,7 @@ class Queries:
                 rate_limits=sql.Identifier(self.schema, "rate_limits"),
                 duplicates=sql.Identifier(self.schema, "duplicates"),
                 buffer_losses=sql.Identifier(self.schema, "buffer_losses"),
+                queue_pauses=sql.Identifier(self.schema, "queue_pauses"),
                 alembic_version=sql.Identifier(self.schema, "alembic_version"),
             )
             .as_string()

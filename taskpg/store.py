@@ -28,7 +28,7 @@ from . import codec, failures
 from .connections import Conn, Connections, Dedicated, atomic
 from .dsn import redact
 from .exceptions import SchemaNotReady
-from .job import ClaimedJob, JobBatch, JobRecord, JobState, NewJob, Outcome, Row
+from .job import FINISHED_STATES, ClaimedJob, JobBatch, JobRecord, JobState, NewJob, Outcome, Row
 from .schema import SCHEMA_REVISION
 from .sql import CLAIM_SESSION, PING, UNLISTEN_ALL, Queries
 
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from .rates import Rate
 
 T = TypeVar("T")
+#: The pseudo-state of ``queue_counts``: jobs that finished within the window.
+RECENT = "recent"
+#: Finished states with more jobs than this are estimated by ``queue_counts``, from SAMPLE_PAGES pages.
+EXACT_UP_TO = 50_000
+SAMPLE_PAGES = 1_000
 
 #: The claim leaves out arguments whose text in Postgres takes more than this many times the limit.
 #: Postgres' text adds a space after each ``,`` and ``:``, so the exact check (on compact JSON, as at
@@ -134,6 +139,7 @@ class WorkerRow:
     started_at: dt.datetime
     heartbeat_at: dt.datetime
     alive: bool
+    in_flight: int  # jobs it holds (running or claimed ahead), as of its last heartbeat
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,27 @@ class QueueDepth:
     state: str
     count: int
     oldest_seconds: float | None
+    estimated: bool = False  # sampled (a finished state with too many rows to count at each call)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One line of a job listing (``taskpg jobs``, the dashboard): the job without its payloads."""
+
+    id: str
+    task: str
+    queue: str
+    state: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    run_at: dt.datetime
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    worker_id: str | None
+    error_type: str | None
+    error_message: str | None
 
 
 @dataclass(frozen=True)
@@ -613,11 +640,74 @@ class Store:
     # -- operations ------------------------------------------------------------------------------
 
     def job_counts(self) -> dict[str, dict[str, int]]:
-        """queue -> state -> number of jobs."""
+        """queue -> state -> number of jobs (finished states with very many rows: estimated)."""
         counts: dict[str, dict[str, int]] = {}
-        for queue, state, count in self._all(self.q.job_counts):
-            counts.setdefault(queue, {})[state] = int(count)
+        for row in self.queue_counts(0.0):
+            if row.state != RECENT:
+                counts.setdefault(row.queue, {})[row.state] = row.count
         return counts
+
+    def queue_counts(self, window: float, exact_up_to: int = EXACT_UP_TO) -> list[QueueDepth]:
+        """Jobs per queue and state, plus state ``recent``: jobs finished within ``window`` seconds.
+
+        A finished state (succeeded, dead, cancelled) holding more than ``exact_up_to`` jobs is not
+        counted row by row at each call: its counts are estimated from a sample of the table's pages
+        (``estimated`` set), so the call stays fast with millions of kept jobs."""
+        rows = [QueueDepth(q, s, int(n), age) for q, s, n, age in self._all(self.q.queue_counts, {"window": window})]
+        for state in sorted(FINISHED_STATES):
+            over = self._one(self.q.finished_over, {"state": state.value, "cap": exact_up_to})
+            if not (over and over[0]):
+                found = self._all(self.q.finished_counts, {"state": state.value})
+                rows += [QueueDepth(q, state.value, int(n), None) for q, n in found]
+                continue
+            pages = self._one(self.q.table_pages, {"table": pg_sql.Identifier(self.schema, "jobs").as_string()})
+            percent = min(100.0, 100.0 * SAMPLE_PAGES / max(1, int(pages[0] if pages else 1)))
+            found = self._all(self.q.finished_sample, {"state": state.value, "percent": percent})
+            rows += [QueueDepth(q, state.value, round(int(n) * 100.0 / percent), None, True) for q, n in found]
+        return rows
+
+    def pause_queue(self, queue: str) -> bool:
+        """Stop every claim of ``queue``'s jobs; False when it was paused already."""
+        return self._count(self.q.pause_queue, {"queue": queue}) == 1
+
+    def resume_queue(self, queue: str) -> bool:
+        """Let ``queue``'s jobs be claimed again and wake its workers; False when it was not paused."""
+        return bool(self._all(self.q.resume_queue, {"queue": queue, "channel": self.q.jobs_channel}))
+
+    def paused_queues(self) -> dict[str, dt.datetime]:
+        """Paused queue -> when it was paused."""
+        return {queue: at for queue, at in self._all(self.q.paused_queues)}
+
+    def count_waiting(self, queues: Sequence[str] | None, task: str | None) -> int:
+        row = self._one(self.q.count_waiting, {"queues": _list_or_none(queues), "task": task})
+        return int(row[0]) if row else 0
+
+    def purge_waiting(self, queues: Sequence[str] | None, task: str | None) -> list[str]:
+        """Cancel the waiting (available and scheduled) jobs of ``queues``/``task``; their ids, announced."""
+        rows = self._all(self.q.purge_waiting, {"queues": _list_or_none(queues), "task": task})
+        ids = [row[0] for row in rows]
+        self.announce(ids, [])
+        return ids
+
+    def list_jobs(
+        self,
+        state: JobState,
+        queues: Sequence[str] | None = None,
+        task: str | None = None,
+        id_prefix: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[JobSummary]:
+        """Jobs in ``state`` (finished ones newest first, others in run order), filtered."""
+        params = {
+            "state": state.value,
+            "queues": _list_or_none(queues),
+            "task": task,
+            "id_prefix": id_prefix,
+            "limit": limit,
+            "offset": offset,
+        }
+        return [JobSummary(*row) for row in self._all(self.q.list_jobs[state.value], params)]
 
     def mark_demo_schema(self) -> None:
         """Mark this schema as made by ``taskpg demo`` (the only kind of schema the demo may reset)."""
@@ -659,13 +749,21 @@ class Store:
         row = self._one(self.q.dead_retry, params)
         return int(row[0]) if row else 0
 
-    def dead_purge(self, older_than: float, queue: str | None, task: str | None) -> int:
-        return self._count(self.q.dead_purge, {"older_than": older_than, "queue": queue, "task": task})
+    def dead_purge(
+        self, older_than: float, queue: str | None, task: str | None, ids: Sequence[str] | None = None
+    ) -> int:
+        """Delete dead jobs older than ``older_than`` seconds (only those of ``ids`` if given)."""
+        params = {"older_than": older_than, "queue": queue, "task": task, "ids": _list_or_none(ids)}
+        return self._count(self.q.dead_purge, params)
 
     def copy_to_queue(self, job_id: str, new_id: str, queue: str) -> None:
         """A copy of a job, error history included, as a new available job in ``queue``."""
         params = {"id": job_id, "new_id": new_id, "queue": queue, "channel": self.q.jobs_channel}
         self._all(self.q.copy_to_queue, params)
+
+
+def _list_or_none(values: Sequence[str] | None) -> list[str] | None:
+    return None if values is None else list(values)
 
 
 def outcomes_json(batch: Sequence[Outcome]) -> str:

@@ -1555,6 +1555,7 @@ def test_build_metadata_puts_every_table_in_the_schema() -> None:
             "rate_limits",
             "duplicates",
             "buffer_losses",
+            "queue_pauses",
         )
     }
 
