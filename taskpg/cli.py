@@ -173,6 +173,27 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard, the status API and /metrics until interrupted."""
+    from .dashboard import Dashboard, serve
+
+    app = app_from_args(args)
+    app.store.check_schema()
+    token = args.token or os.environ.get("TASKPG_DASHBOARD_TOKEN") or None
+    basic = args.basic_auth or os.environ.get("TASKPG_DASHBOARD_AUTH") or None
+    server = serve(Dashboard(app, token=token, basic_auth=basic), args.host, args.port)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"taskpg dashboard of schema {app.schema!r} at http://{shown}:{server.server_port}/", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     app = app_from_args(args)
     if args.action == "upgrade":
@@ -483,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--port", type=int, default=9808, help="default: 9808")
     served.add_argument("--host", default="127.0.0.1", help="default: loopback; 0.0.0.0 for every address")
     served.set_defaults(func=cmd_metrics)
+
+    board = sub.add_parser("dashboard", parents=[common], help="the web dashboard, the status API and /metrics")
+    board.add_argument("--port", type=int, default=8008, help="default: 8008")
+    board.add_argument("--host", default="127.0.0.1", help="default: loopback (others need --token or --basic-auth)")
+    board.add_argument("--token", help="a secret of 16+ characters (Bearer, or ?token= once); TASKPG_DASHBOARD_TOKEN")
+    board.add_argument("--basic-auth", help="USER:PASSWORD for the browser's login prompt; TASKPG_DASHBOARD_AUTH")
+    board.set_defaults(func=cmd_dashboard)
 
     beat = sub.add_parser("beat", parents=[common], help="enqueue periodic jobs, exactly once per tick")
     beat.add_argument("--list", action="store_true", help="show the schedules with their last and next ticks")

@@ -34,9 +34,16 @@ def retry_dead(
     return store.dead_retry(None if ids is None else [validate_job_id(i) for i in ids], queue, task)
 
 
-def purge_dead(store: Store, older_than: float, queue: str | None = None, task: str | None = None) -> int:
-    """Delete dead jobs that died more than ``older_than`` seconds ago; returns how many."""
-    return store.dead_purge(older_than, queue, task)
+def purge_dead(
+    store: Store,
+    older_than: float,
+    queue: str | None = None,
+    task: str | None = None,
+    ids: Sequence[str] | None = None,
+) -> int:
+    """Delete dead jobs that died more than ``older_than`` seconds ago (only those of ``ids`` if given);
+    returns how many."""
+    return store.dead_purge(older_than, queue, task, None if ids is None else [validate_job_id(i) for i in ids])
 
 
 def route_dead_letter(store: Store, job_id: str, tasks: Mapping[str, Task[Any, Any]]) -> None:

@@ -1676,3 +1676,28 @@ def test_redact_hides_every_form_of_password(dsn: str, shown: str) -> None:
     assert all(
         secret not in redact(dsn) for secret in ("s3cret", "p@ss", "w/rd", "secret", "my secret", "plain", "it\\'s")
     )
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:s3cret@db/app",
+        "postgresql://app:p%40ss%3Aw@db:5432/app",
+        "postgresql://db/app?user=app&password=secret&sslmode=require",
+        "host=db password='my secret' dbname=app",
+        "host=db password = 'spaced out' dbname=app",
+        "host=db password='it\\'s' dbname=app",
+        "host=db password='back\\\\slash' dbname=app",
+        "password=first host=db",
+        "host=db dbname=app password=last",
+    ],
+)
+def test_redact_hides_the_password_psycopg_reads(dsn: str) -> None:
+    """Cross-checked with libpq's own parser (psycopg.conninfo): whatever password it would send is not shown."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from taskpg.dsn import redact
+
+    password = str(conninfo_to_dict(dsn)["password"])
+    assert password and password not in redact(dsn), (password, redact(dsn))
+    assert "***" in redact(dsn)
