@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,8 @@ STATUS_COLUMNS = (
     JobState.DEAD,
     JobState.CANCELLED,
 )
+#: taskpg's log level when -l is not given (taskpg demo is quieter: its planned failures are not news).
+DEFAULT_LOGLEVEL = "warning"
 #: The worker options' defaults, read from WorkerSettings (so each default is stated once).
 WORKER_DEFAULTS = WorkerSettings()
 
@@ -424,7 +427,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     demo.app.configure(dsn=args.dsn, schema=args.schema)
-    return demo.run(jobs=args.jobs, concurrency=args.concurrency, reset=args.reset)
+    if args.loglevel is None:  # the worker's lines about the demo's planned failures, only when asked for
+        logging.getLogger("taskpg").setLevel(logging.CRITICAL)
+    return demo.run(jobs=args.jobs, concurrency=args.concurrency, reset=args.reset, dsn=args.dsn)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -439,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-l",
         "--loglevel",
-        default="warning",
+        default=None,
         type=str.lower,
         choices=logs.LEVELS,
         help="taskpg's log level (default: warning)",
@@ -594,7 +599,7 @@ def main(argv: Sequence[str] | None = None, *, configure_logging: bool = False) 
     ``--log-format`` (logs.py); called in-process (tests, your code), logging is left as it is."""
     args = build_parser().parse_args(argv)
     if configure_logging:
-        logs.configure(args.loglevel, args.log_format, current_request)
+        logs.configure(args.loglevel or DEFAULT_LOGLEVEL, args.log_format, current_request)
     if args.command in ("worker", "beat", "schedules") and not args.app:
         raise SystemExit(f"taskpg {args.command}: -A MODULE[:APP] is required")
     try:

@@ -1,25 +1,33 @@
 """``taskpg demo``: a self-contained tour. Enqueues a few hundred jobs, runs a worker, prints a summary.
 
-Uses TASKPG_DSN / DATABASE_URL when set (in its own schema, ``taskpg_demo``), else the embedded
-Postgres, so it works on a machine with nothing but Python.
+Uses --dsn, TASKPG_DSN or DATABASE_URL when given (in its own schema, ``taskpg_demo``), else the embedded
+Postgres, so it works on a machine with nothing but Python. It prints a short story: what it enqueued, a
+progress bar while the worker drains them (on a terminal), a table of this run's jobs by state, and the
+commands that look at them; the worker's own log lines (the planned failures) only with ``-l``.
 """
 
 from __future__ import annotations
 
 import random
+import shlex
 import sys
 import time
 from collections import Counter
+from typing import IO
 
-from . import migrate
+from . import embedded, migrate
 from .app import TaskPG
 from .dsn import configured_dsn, redact
 from .worker import Worker
 
 app = TaskPG(schema="taskpg_demo")
+QUEUE = "demo"
+#: Seconds the demo waits for its jobs before giving up.
+DRAIN_TIMEOUT = 120.0
+BAR_WIDTH = 30
 
 
-@app.task(name="demo.resize_image", queue="demo")
+@app.task(name="demo.resize_image", queue=QUEUE)
 def resize_image(image_id: int, width: int) -> dict[str, int]:
     time.sleep(random.uniform(0.001, 0.01))  # pretend to do I/O
     return {"image_id": image_id, "width": width}
@@ -27,7 +35,7 @@ def resize_image(image_id: int, width: int) -> dict[str, int]:
 
 @app.task(
     name="demo.send_email",
-    queue="demo",
+    queue=QUEUE,
     autoretry_for=(ConnectionError,),
     max_retries=3,
     retry_backoff=0.05,
@@ -41,7 +49,7 @@ def send_email(self: object, user_id: int) -> str:
     return f"sent to user {user_id} on attempt {request.attempt}"
 
 
-@app.task(name="demo.charge_card", queue="demo")
+@app.task(name="demo.charge_card", queue=QUEUE)
 def charge_card(order_id: int) -> None:
     raise ValueError(f"card declined for order {order_id}")
 
@@ -61,14 +69,42 @@ def prepare(reset: bool) -> str | None:
     return None
 
 
-def run(jobs: int = 300, concurrency: int = 8, reset: bool = False) -> int:
-    """Run the demo; returns a process exit code (2 when the schema is not the demo's)."""
-    where = "the embedded Postgres" if configured_dsn() is None else redact(app.dsn)
-    print(f"taskpg demo: schema {app.schema!r} on {where}")
+class Progress:
+    """A one-line bar, redrawn in place on a terminal; elsewhere only the line it ends with."""
+
+    def __init__(self, total: int, out: IO[str]) -> None:
+        self.total, self.out = total, out
+        self.live = out.isatty()
+
+    def show(self, done: int) -> None:
+        if self.live:
+            filled = BAR_WIDTH * min(done, self.total) // max(self.total, 1)
+            self.out.write(f"\rrunning  [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{self.total}")
+            self.out.flush()
+
+    def end(self, line: str) -> None:
+        self.out.write(("\r" + " " * (BAR_WIDTH + 30) + "\r" if self.live else "") + line + "\n")
+
+
+def _finished() -> int:
+    """Jobs of the demo's queue that have finished (succeeded or dead), whichever run made them."""
+    counts = app.store.job_counts().get(QUEUE, {})
+    return counts.get("succeeded", 0) + counts.get("dead", 0)
+
+
+def run(
+    jobs: int = 300, concurrency: int = 8, reset: bool = False, dsn: str | None = None, out: IO[str] = sys.stdout
+) -> int:
+    """Run the demo; returns a process exit code (2 when the schema is not the demo's). ``dsn`` is the
+    --dsn given, if any (named in the printed commands)."""
+    given = configured_dsn(dsn)
+    where = redact(given) if given else f"the embedded Postgres in {embedded.default_data_dir()}"
+    print(f"taskpg demo: schema {app.schema!r} on {where}", file=out)
     refusal = prepare(reset)
     if refusal is not None:
         print(f"taskpg demo: {refusal}", file=sys.stderr)
         return 2
+    before = _finished()
     images = jobs * 2 // 3
     started = time.monotonic()
     handles = [resize_image.delay(0, 64)]
@@ -77,30 +113,41 @@ def run(jobs: int = 300, concurrency: int = 8, reset: bool = False) -> int:
     declined = charge_card.delay(42)
     enqueued = 1 + len(ids) + len(emails) + 1
     print(
-        f"enqueued {enqueued} jobs in {time.monotonic() - started:.2f} s (1 delay, {len(ids)} by COPY, "
-        f"{len(emails)} emails, 1 card charge that will fail)"
+        f"enqueued {enqueued} jobs in {time.monotonic() - started:.2f} s: 1 by delay(), {len(ids)} by COPY, "
+        f"{len(emails)} e-mails (every tenth fails once), 1 card charge that always fails",
+        file=out,
     )
 
     started = time.monotonic()
-    with Worker(app, queues=["demo"], concurrency=concurrency, grace=5).in_background():
-        results = [h.get(timeout=60) for h in handles + emails]
-        try:
-            declined.get(timeout=60)
-        except ValueError as exc:
-            failure = f"{type(exc).__name__}: {exc}"
-        for job_id in ids:
-            app.AsyncResult(job_id).get(timeout=60)
+    progress = Progress(enqueued, out)
+    with Worker(app, queues=[QUEUE], concurrency=concurrency, grace=5).in_background():
+        while (done := _finished() - before) < enqueued:
+            progress.show(done)
+            if time.monotonic() - started > DRAIN_TIMEOUT:
+                raise TimeoutError(f"the demo's jobs did not finish within {DRAIN_TIMEOUT:.0f} s")
+            time.sleep(0.05)
         elapsed = time.monotonic() - started
+        progress.end(f"ran them in {elapsed:.2f} s: {enqueued / elapsed:.0f} jobs/s with {concurrency} threads")
+        result = (emails or handles)[-1].get(timeout=10)
+        failure = declined.get(timeout=10, propagate=False)
 
     this_run = [h.id for h in (*handles, *emails, declined)] + ids
-    counts = dict(Counter(str((app.AsyncResult(i).info() or {}).get("state")) for i in this_run))
+    states = Counter(str((app.AsyncResult(i).info() or {}).get("state")) for i in this_run)
     retried = sum(1 for h in emails if (h.info() or {}).get("attempt", 0) > 1)
-    print(f"worker ran them in {elapsed:.2f} s ({enqueued / elapsed:.0f} jobs/s, {concurrency} threads)")
-    print(f"job states: {counts}")
-    print(f"emails that succeeded after a retry: {retried}")
-    print(f"a result: {results[-1]!r}")
-    print(f"the failed job raised: {failure}")
-    print(f"inspect the failed job: taskpg inspect {declined.id} --schema {app.schema}")
-    print(f"list dead jobs:         taskpg dead list --schema {app.schema}")
+    notes = {"succeeded": f"{retried} e-mails on their second attempt", "dead": f"{type(failure).__name__}: {failure}"}
+    print("\n  this run   jobs", file=out)
+    for state, count in sorted(states.items(), key=lambda item: -item[1]):
+        print(f"  {state:<10} {count:>4}   {notes.get(state, '')}".rstrip(), file=out)
+    print(f"\na result: {result!r}\n", file=out)
+    where_flags = f"--schema {app.schema}" + (f" --dsn {shlex.quote(redact(dsn))}" if dsn else "")
+    for what, command in (
+        ("look at the dead job", f"taskpg inspect {declined.id}"),
+        ("list the dead jobs", "taskpg dead list"),
+        ("every queue and state", "taskpg status"),
+        ("the web dashboard", "taskpg dashboard"),
+    ):
+        print(f"{what + ':':<23}{command} {where_flags}", file=out)
+    if dsn and redact(dsn) != dsn:
+        print("(your --dsn, its password shown as ***)", file=out)
     app.close()
     return 0

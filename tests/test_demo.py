@@ -28,11 +28,18 @@ def test_the_demo_runs_again_on_its_schema_and_tells_how_to_look_around(
     assert first.returncode == 0, first.stderr
     second = demo(pg_dsn, schema)  # no --reset: nothing dropped, this run's jobs counted
     assert second.returncode == 0, second.stderr
-    assert "job states: {'succeeded': 59, 'dead': 1}" in second.stdout  # this run's 60 jobs, not all 120
+    # this run's 60 jobs, not all 120
+    assert re.search(r"^  succeeded +59 +\d+ e-mails on their second attempt$", second.stdout, re.M), second.stdout
+    assert re.search(r"^  dead +1 +ValueError: card declined for order 42$", second.stdout, re.M), second.stdout
     assert db.execute(f'SELECT count(*) FROM "{schema}".jobs').fetchone() == (120,)
-    job_id = re.search(r"taskpg inspect (\S+) --schema", second.stdout)
-    assert job_id is not None and f"--schema {schema}" in second.stdout
+    job_id = re.search(r"taskpg inspect (\S+) --schema (\S+) --dsn (\S+)$", second.stdout, re.M)
+    assert job_id is not None and job_id.group(2) == schema and job_id.group(3) == pg_dsn, second.stdout
+    assert db.execute(f'SELECT state FROM "{schema}".jobs WHERE id = %s', [job_id.group(1)]).fetchone() == ("dead",)
+    assert f"on {pg_dsn}" in second.stdout.splitlines()[0] and "embedded" not in second.stdout
     assert len(second.stdout.splitlines()) < 15  # a short story at the default log level
+    assert second.stderr == ""  # the worker's lines about the planned failures only with -l
+    told = demo(pg_dsn, schema, "-l", "warning")
+    assert "attempt 1 failed" in told.stderr and "card declined for order 42" in told.stderr
     reset = demo(pg_dsn, schema, "--reset")
     assert reset.returncode == 0, reset.stderr
     assert db.execute(f'SELECT count(*) FROM "{schema}".jobs').fetchone() == (60,)
