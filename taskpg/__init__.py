@@ -2,7 +2,9 @@
 
 from .app import TaskPG
 from .beat import Beat
+from .canvas import Signature, chain, chord, group, signature
 from .exceptions import (
+    ChordError,
     ConfigurationError,
     DatabaseUnavailable,
     NotRegistered,
@@ -21,15 +23,17 @@ from .exceptions import (
 )
 from .job import JobState, Request, Status
 from .periodic import Schedule
-from .result import AsyncResult
+from .result import AsyncResult, GroupResult
 from .task import Task, TaskRegistry
 from .worker import Worker, WorkerSettings
 
 __all__ = [
     "AsyncResult",
     "Beat",
+    "ChordError",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "GroupResult",
     "JobState",
     "NotRegistered",
     "PayloadDecodeError",
@@ -39,6 +43,7 @@ __all__ = [
     "Schedule",
     "SchemaNotReady",
     "SerializationError",
+    "Signature",
     "Snooze",
     "SoftTimeLimitExceeded",
     "Status",
@@ -52,5 +57,9 @@ __all__ = [
     "TimeoutError",
     "Worker",
     "WorkerSettings",
+    "chain",
+    "chord",
+    "group",
+    "signature",
 ]
 __version__ = "0.1.0"

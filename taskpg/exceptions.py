@@ -128,6 +128,10 @@ class TaskRevoked(TaskpgError):
     """``AsyncResult.get()`` on a job that was revoked before it ran."""
 
 
+class ChordError(TaskpgError):
+    """A chord's header member ended dead or revoked: the chord's body never runs, and its handle raises this."""
+
+
 class ChildProcessDied(TaskpgError):
     """The processes pool's child running an attempt died (crash, OOM kill); the attempt failed."""
 

@@ -97,6 +97,7 @@ class NewJob:
     unique_key: str | None = None  # at most one unfinished job per key
     not_before: dt.datetime | None = None  # a deferred throttled job waits for its window
     headers: str | None = None  # JSON object text: metadata publish receivers added (a traceparent)
+    links: str | None = None  # JSON object text: the jobs its end starts (canvas.py: link=, link_error=)
 
 
 #: One call of a JobBatch: (job id, args JSON, kwargs JSON).
@@ -186,6 +187,8 @@ class JobRecord:
     worker_id: str | None
     #: ``{"state": ..., "meta": ...}`` from ``self.update_state()`` (None: the job never said).
     progress: dict[str, Any] | None = None
+    #: The job whose end inserted this one (a link, a chain's step, a chord's body).
+    parent_id: str | None = None
 
 
 # -- ids -------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # fullmatch: "$" would let a trailing "\n" in
@@ -90,6 +91,13 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("headers", JSONB),
         # {"state": ..., "meta": ...} from self.update_state() while the job runs: 0008.
         Column("progress", JSONB),
+        # Canvas (0010): templates of the jobs to insert when this one ends (canvas.py), the job whose end
+        # inserted this one, and the chord this job is a header member of (counted once, by the trigger).
+        Column("links", JSONB),
+        Column("parent_id", UUID(as_uuid=False)),
+        Column("chord_id", UUID(as_uuid=False)),
+        Column("chord_index", Integer),
+        Column("chord_counted", Boolean, nullable=False, server_default=text("false")),
         CheckConstraint(_state_in(JobState), name="jobs_state_check"),
         # The claim query walks this index in claim order and stops after LIMIT rows.
         Index(
@@ -109,6 +117,10 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             unique=True,
             postgresql_where=text(f"unique_key IS NOT NULL AND {_state_in(UNFINISHED_STATES)}"),
         ),
+        # A chord's body gathers its members' results in index order.
+        Index("jobs_chord_idx", "chord_id", "chord_index", postgresql_where=text("chord_id IS NOT NULL")),
+        # A job's children: the jobs its end inserted (AsyncResult.children).
+        Index("jobs_parent_idx", "parent_id", postgresql_where=text("parent_id IS NOT NULL")),
         # Rescue looks up running jobs by the worker that holds them.
         Index("jobs_running_idx", "worker_id", postgresql_where=text(f"state = '{JobState.RUNNING}'")),
         # Retention and dead-letter listings scan finished jobs by age; with the queue included, the
@@ -189,6 +201,17 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("list_name", Text, nullable=False),
         Column("lost", BigInteger, nullable=False),
         Column("cause", Text, nullable=False),
+    )
+    # Chords (0010): members counted so far, the first member that did not succeed, the body's template.
+    Table(
+        "chords",
+        metadata,
+        Column("id", UUID(as_uuid=False), primary_key=True),
+        Column("size", Integer, nullable=False),
+        Column("done", Integer, nullable=False, server_default=text("0")),
+        Column("failed_by", UUID(as_uuid=False)),
+        Column("body", JSONB, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     )
     # Paused queues: the claim takes no job of a queue listed here (0009).
     Table(

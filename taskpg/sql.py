@@ -34,10 +34,11 @@ WITH due AS (
     SELECT GREATEST(COALESCE(%(eta)s::timestamptz, clock_timestamp() + %(countdown)s * interval '1 second'),
                     %(not_before)s::timestamptz) AS run_at
 ), inserted AS (
-    INSERT INTO {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key, headers)
+    INSERT INTO {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key, headers,
+                        links)
     SELECT %(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority)s, %(max_attempts)s,
            CASE WHEN due.run_at > clock_timestamp() THEN 'scheduled' ELSE 'available' END, due.run_at,
-           %(unique_key)s, %(headers)s::jsonb
+           %(unique_key)s, %(headers)s::jsonb, %(links)s::jsonb
     FROM due
     ON CONFLICT DO NOTHING
     RETURNING state, queue
@@ -154,6 +155,13 @@ WITH recorded AS (
 SELECT count(*) FROM recorded
 """
 
+# Canvas (canvas.py, migration 0010): the first jobs of a chain, group or chord, from their templates, by the
+# same function the jobs table's trigger calls when a job with links or a chord ends. Returns how many.
+CANVAS_SPAWN = "SELECT {schema}.canvas_spawn(%(templates)s::jsonb, NULL, '[]'::jsonb)"
+
+# A chord, before its header members are written: its size and its body's template.
+INSERT_CHORD = "INSERT INTO {chords} (id, size, body) VALUES (%(id)s, %(size)s, %(body)s::jsonb)"
+
 # Job events (events.py): one notification per payload, in one statement. Outside a transaction of
 # its own it is an autocommit statement; in the caller's transaction it is delivered at its commit.
 PUBLISH_EVENTS = "SELECT count(pg_notify(%(channel)s, payload)) FROM unnest(%(payloads)s::text[]) AS payload"
@@ -165,12 +173,31 @@ DB_NOW = "SELECT clock_timestamp()"
 
 # -- results -----------------------------------------------------------------------------------
 
-# A job by id; the id of a buffered call that a unique key turned away reads as its holder.
-GET_JOB = """
+# The columns of a JobRecord (job.py), in its order.
+JOB_RECORD = """
 SELECT id::text AS id, task, queue, state, attempt, max_attempts, snoozes, priority, args, kwargs, result, errors,
-       run_at, created_at, started_at, finished_at, worker_id, progress
+       run_at, created_at, started_at, finished_at, worker_id, progress, parent_id::text
+"""
+
+# A job by id; the id of a buffered call that a unique key turned away reads as its holder.
+GET_JOB = (
+    JOB_RECORD
+    + """
 FROM {jobs} WHERE id = COALESCE((SELECT holder FROM {duplicates} WHERE id = %(id)s::uuid), %(id)s::uuid)
 """
+)
+
+# The first of some jobs that ended dead or cancelled (a canvas handle's parents: get() then raises its error).
+FIRST_FAILED = (
+    JOB_RECORD
+    + """
+FROM {jobs} WHERE id = ANY(%(ids)s::uuid[]) AND state IN ('dead', 'cancelled')
+ORDER BY finished_at LIMIT 1
+"""
+)
+
+# The jobs a job's end inserted (links, the next step of a chain), oldest first.
+CHILDREN = "SELECT id::text FROM {jobs} WHERE parent_id = %(id)s::uuid ORDER BY created_at, id"
 
 # A running job says how far it got (self.update_state). Only while it runs: a late call from an attempt
 # that lost the job (rescued, finished) changes nothing. Returns whether it was written.
@@ -714,9 +741,13 @@ class Queries:
         self.insert_from_staging = self._render(INSERT_FROM_STAGING)
         self.record_duplicates = self._render(RECORD_DUPLICATES)
         self.notify_queues = self._render(NOTIFY_QUEUES)
+        self.canvas_spawn = self._render(CANVAS_SPAWN)
+        self.insert_chord = self._render(INSERT_CHORD)
         self.publish_events = self._render(PUBLISH_EVENTS)
         self.db_now = self._render(DB_NOW)
         self.get_job = self._render(GET_JOB)
+        self.first_failed = self._render(FIRST_FAILED)
+        self.children = self._render(CHILDREN)
         self.update_progress = self._render(UPDATE_PROGRESS)
         self.revoke_job = self._render(REVOKE_JOB)
         self.schema_version = self._render(SCHEMA_VERSION)
@@ -780,6 +811,7 @@ class Queries:
                 duplicates=sql.Identifier(self.schema, "duplicates"),
                 buffer_losses=sql.Identifier(self.schema, "buffer_losses"),
                 queue_pauses=sql.Identifier(self.schema, "queue_pauses"),
+                chords=sql.Identifier(self.schema, "chords"),
                 alembic_version=sql.Identifier(self.schema, "alembic_version"),
             )
             .as_string()

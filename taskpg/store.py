@@ -335,11 +335,21 @@ class Store:
             "unique_key": job.unique_key,
             "not_before": job.not_before,
             "headers": job.headers,
+            "links": job.links,
             "channel": self.q.jobs_channel,
             "notify": notify,
         }
         row = self._one(self.q.insert_job, params)
         return Inserted(row is not None and row[0] == 1, row is not None and row[1] > 0)
+
+    def spawn(self, templates: str) -> int:
+        """Insert jobs from canvas templates (a JSON array); returns how many were new."""
+        row = self._one(self.q.canvas_spawn, {"templates": templates})
+        return int(row[0]) if row else 0
+
+    def insert_chord(self, chord_id: str, size: int, body: str) -> None:
+        """A chord of ``size`` header members and its body's template (JSON)."""
+        self._count(self.q.insert_chord, {"id": chord_id, "size": size, "body": body})
 
     def active_unique(self, keys: Sequence[str]) -> dict[str, str]:
         """unique key -> id of the unfinished job holding it."""
@@ -436,6 +446,15 @@ class Store:
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self._one(self.q.get_job, {"id": job_id})
         return None if row is None else JobRecord(*row)
+
+    def first_failed(self, job_ids: Sequence[str]) -> JobRecord | None:
+        """The first of these jobs that ended dead or cancelled, if one did."""
+        row = self._one(self.q.first_failed, {"ids": list(job_ids)})
+        return None if row is None else JobRecord(*row)
+
+    def children(self, job_id: str) -> list[str]:
+        """Ids of the jobs that the end of ``job_id`` inserted, oldest first."""
+        return [row[0] for row in self._all(self.q.children, {"id": job_id})]
 
     def update_progress(self, job_id: str, state: str, meta: Any) -> bool:
         """Record a running job's custom state and its meta (JSON); False when the job is not running."""

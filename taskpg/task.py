@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar
 
-from . import codec, events, guards, hooks
+from . import canvas, codec, events, guards, hooks
+from .canvas import Signature
 from .connections import caller_connection
 from .enqueue import copy_batch, insert_job, insert_jobs
 from .events import JobEvent
 from .exceptions import ConfigurationError, NotRegistered, Retry, SerializationError, Snooze
-from .job import JobBatch, NewJob, Request, Row, Status, job_id_sequence, new_job_id
+from .job import JobBatch, NewJob, Request, Row, Status, job_id_sequence, new_job_id, validate_job_id
 from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue_name
 from .result import AsyncResult
 
@@ -38,6 +39,7 @@ class TaskHost(Protocol):
 
     tasks: TaskRegistry
     default_via: str
+    default_queue: str
     max_payload_bytes: int
     middleware: tuple[Callable[..., Any], ...]
     send_events: bool
@@ -50,6 +52,10 @@ class TaskHost(Protocol):
 
     @property
     def announce(self) -> Announce | None: ...
+
+    def send_task(
+        self, name: str, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult: ...
 
 
 class TaskRegistry(dict[str, "Task[Any, Any]"]):
@@ -141,6 +147,24 @@ class Task(Generic[P, R]):
         """Enqueue with the task's default options (Celery's shortcut)."""
         return self.apply_async(args=args, kwargs=kwargs)
 
+    # -- signatures (canvas.py) ------------------------------------------------------------------
+
+    def signature(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> Signature:
+        """A call of this task to pass around or put in a canvas (Celery's ``signature``); ``immutable=True``
+        keeps a parent's result out of its arguments."""
+        immutable = bool(options.pop("immutable", False))
+        return Signature(self, args, kwargs, options, immutable=immutable, app=self.app)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """``signature(args, kwargs)``: ``add.s(2)`` is a partial, completed when called (``add.s(2).delay(8)``)."""
+        return Signature(self, args, kwargs, app=self.app)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: call-time arguments and a parent's result are not added to its own."""
+        return Signature(self, args, kwargs, immutable=True, app=self.app)
+
     def apply_async(
         self,
         args: Sequence[Any] | None = None,
@@ -153,6 +177,9 @@ class Task(Generic[P, R]):
         session: Any = None,
         connection: Any = None,
         via: str | None = None,
+        task_id: str | None = None,
+        link: Any = None,
+        link_error: Any = None,
     ) -> AsyncResult:
         """Enqueue one job.
 
@@ -160,9 +187,21 @@ class Task(Generic[P, R]):
         override the task's. With ``session=`` (SQLAlchemy) or ``connection=`` (psycopg) the job is
         written in the caller's transaction and exists only if that transaction commits.
         ``via="buffer"`` pushes it onto the Redis buffer instead (one round trip; see docs/buffer.md).
+        ``task_id`` chooses the job's id (a second enqueue with the same id is the same job).
+        ``link``/``link_error``: signatures (or lists of them) enqueued when this job succeeds (with its
+        result prepended to their arguments) or ends dead or revoked (with its id), in the transaction
+        that records its outcome (docs/canvas.md).
         """
-        planned = self.build_job(args or (), kwargs, countdown=countdown, eta=eta, queue=queue, priority=priority)
+        planned = self.build_job(
+            args or (), kwargs, countdown=countdown, eta=eta, queue=queue, priority=priority, job_id=task_id
+        )
         job, guard = planned.job, planned.guard
+        links = canvas.plan_links(self.app, link, link_error) if link or link_error else None
+        if links is not None:
+            if via == "buffer":
+                raise ConfigurationError("link=/link_error= are written straight to Postgres: drop via='buffer'")
+            via = "db"
+            job = dataclasses.replace(job, links=links)
         buffered = self._through_buffer(via, session, connection, guard)
         header = self._header(job, buffered, args or (), kwargs or {}) if hooks.publishing() else None
         if header is not None:
@@ -355,6 +394,7 @@ class Task(Generic[P, R]):
         eta: dt.datetime | None = None,
         queue: str | None = None,
         priority: int | None = None,
+        job_id: str | None = None,
     ) -> Planned:
         """The job one call would write (arguments encoded, options checked), with the throttle and
         unique-key checks its enqueue must make; nothing is written. ``apply_async`` and beat use it."""
@@ -362,7 +402,7 @@ class Task(Generic[P, R]):
         args_json, kwargs_json = self._encode(args, kwargs)
         _check_timing(countdown, eta)
         job = NewJob(
-            id=new_job_id(),
+            id=new_job_id() if job_id is None else validate_job_id(job_id),
             task=self.name,
             queue=self._queue(queue),
             args=args_json,

@@ -1556,6 +1556,7 @@ def test_build_metadata_puts_every_table_in_the_schema() -> None:
             "duplicates",
             "buffer_losses",
             "queue_pauses",
+            "chords",
         )
     }
 

@@ -100,3 +100,10 @@ def unreachable(self: Any, n: int) -> None:
     """Always fails with an error it retries: three attempts, then dead."""
     _record_execution(self, n)
     raise ConnectionError(f"unreachable {n}")
+
+
+@app.task(bind=True)
+def total(self: Any, numbers: list[int]) -> int:
+    """A chord's body: records one execution with the sum of its members' results."""
+    _record_execution(self, sum(numbers))
+    return sum(numbers)
