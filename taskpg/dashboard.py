@@ -176,7 +176,8 @@ class Dashboard:
                 raise Refused("404 Not Found", f"no job {match.group(2)}")
             if match.group(1):
                 return _json(dataclasses.asdict(job))
-            return self._page(request, f"Job {job.id}", "jobs", pages.job_page(job, request.base, request.csrf))
+            body = pages.job_page(job, store.children(job.id), request.base, request.csrf)
+            return self._page(request, f"Job {job.id}", "jobs", body)
         if path in ("/", ""):
             body = pages.queues_page(self.app.queue_status(), request.base, request.csrf)
             return self._page(request, "Queues", "", body)

@@ -213,8 +213,9 @@ def jobs_page(
     return f'<p class="tabs">{tabs}</p>{form}{bulk}{table}<p>{" ".join(pages)}</p>'
 
 
-def job_page(job: JobRecord, base: str, csrf: str) -> str:
-    """One job: its fields, arguments, result or progress, and every attempt's error with its traceback."""
+def job_page(job: JobRecord, children: Sequence[str], base: str, csrf: str) -> str:
+    """One job: its fields, its place in a canvas (the job whose end started it, the jobs its end started),
+    arguments, result or progress, and every attempt's error with its traceback."""
     actions = []
     if job.state == "dead":
         actions.append(action(base, csrf, "retry", "Retry", id=job.id))
@@ -232,6 +233,8 @@ def job_page(job: JobRecord, base: str, csrf: str) -> str:
         ("started", _when(job.started_at)),
         ("finished", _when(job.finished_at)),
         ("worker", _e(job.worker_id)),
+        ("after job", _link(base, f"jobs/{job.parent_id}", job.parent_id) if job.parent_id else ""),
+        ("then jobs", " ".join(_link(base, f"jobs/{child}", child) for child in children)),
     ]
     info = _table(["", ""], [[f"<b>{_e(k)}</b>", v] for k, v in fields])
     parts = [

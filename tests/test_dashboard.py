@@ -309,3 +309,21 @@ def test_the_dashboard_command_serves_until_sigterm_and_refuses_an_open_bind_wit
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert refused.returncode == 2 and "without authentication: pass --token or --basic-auth" in refused.stderr
+
+
+def test_a_jobs_page_links_the_jobs_before_and_after_it_in_a_canvas(
+    served: Callable[..., Client], app: TaskPG, run_worker: Any
+) -> None:
+    @app.task(name="web.double")
+    def double(n: int) -> int:
+        return 2 * n
+
+    first = double.apply_async((1,), link=double.s())
+    with run_worker(app, queues=["default"]):
+        first.get(timeout=15)
+        (child,) = first.children
+        child.get(timeout=15)
+    client = served()
+    page = client.get(f"/jobs/{first.id}").text
+    assert f'<a href="/jobs/{child.id}">{child.id}</a>' in page
+    assert f'<a href="/jobs/{first.id}">{first.id}</a>' in client.get(f"/jobs/{child.id}").text
