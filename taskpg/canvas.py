@@ -34,7 +34,19 @@ if TYPE_CHECKING:
 
 #: Options a signature may carry (the rest of ``apply_async``'s keywords are refused, not ignored).
 SIGNATURE_OPTIONS = frozenset(
-    {"countdown", "eta", "queue", "priority", "task_id", "link", "link_error", "session", "connection", "via"}
+    {
+        "countdown",
+        "eta",
+        "expires",
+        "queue",
+        "priority",
+        "task_id",
+        "link",
+        "link_error",
+        "session",
+        "connection",
+        "via",
+    }
 )
 #: Options that only the first jobs of a canvas take (the others start when their parents end).
 START_OPTIONS = frozenset({"countdown", "eta"})
@@ -344,6 +356,8 @@ class _Plan:
         if sig.subtask_type is not None:
             raise ConfigurationError(f"{sig!r}: expected a task signature here")
         options = {**self.defaults, **sig.options}
+        if options.get("expires") is not None:
+            raise ConfigurationError(f"{sig!r}: expires= applies to a task enqueued alone, not inside a canvas yet")
         task = self.app.tasks.get(sig.task)
         task_options = task.options if task is not None else TaskOptions.build(self.app.default_queue)
         args_json, kwargs_json = codec.encode_arguments(sig.task, sig.args, sig.kwargs, self.app.max_payload_bytes)

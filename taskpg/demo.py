@@ -132,8 +132,8 @@ def run(
         failure = declined.get(timeout=10, propagate=False)
 
     this_run = [h.id for h in (*handles, *emails, declined)] + ids
-    states = Counter(str((app.AsyncResult(i).info() or {}).get("state")) for i in this_run)
-    retried = sum(1 for h in emails if (h.info() or {}).get("attempt", 0) > 1)
+    states = Counter(str((app.AsyncResult(i).record() or {}).get("state")) for i in this_run)
+    retried = sum(1 for h in emails if (h.record() or {}).get("attempt", 0) > 1)
     notes = {"succeeded": f"{retried} e-mails on their second attempt", "dead": f"{type(failure).__name__}: {failure}"}
     print("\n  this run   jobs", file=out)
     for state, count in sorted(states.items(), key=lambda item: -item[1]):

@@ -128,6 +128,10 @@ class TaskRevoked(TaskpgError):
     """``AsyncResult.get()`` on a job that was revoked before it ran."""
 
 
+class JobExpired(TaskRevoked):
+    """The job's ``expires`` time passed before a worker started it: it was revoked, never run."""
+
+
 class ChordError(TaskpgError):
     """A chord's header member ended dead or revoked: the chord's body never runs, and its handle raises this."""
 

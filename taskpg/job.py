@@ -98,6 +98,7 @@ class NewJob:
     not_before: dt.datetime | None = None  # a deferred throttled job waits for its window
     headers: str | None = None  # JSON object text: metadata publish receivers added (a traceparent)
     links: str | None = None  # JSON object text: the jobs its end starts (canvas.py: link=, link_error=)
+    expires: float | dt.datetime | None = None  # not started by then (seconds from now, or a moment): never run
 
 
 #: One call of a JobBatch: (job id, args JSON, kwargs JSON).

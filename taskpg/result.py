@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import failures, signals
-from .exceptions import ConfigurationError, TaskError, TaskRevoked, TimeoutError
+from .exceptions import ConfigurationError, JobExpired, TaskError, TaskRevoked, TimeoutError
 from .job import FINISHED_STATES, JobRecord, JobState, Request, Status, status_of, validate_job_id
 
 if TYPE_CHECKING:
@@ -92,8 +92,8 @@ class AsyncResult:
                 pending.append(item._parent)
         return found
 
-    def info(self) -> dict[str, Any] | None:
-        """The job row as a dict (None if no such job exists)."""
+    def record(self) -> dict[str, Any] | None:
+        """The job's row as a dict (None if no such job exists)."""
         row = self._row()
         return None if row is None else dataclasses.asdict(row)
 
@@ -104,18 +104,29 @@ class AsyncResult:
         row = self._row()
         if row is None:
             return Status.PENDING.value
-        if row.state == JobState.RUNNING and row.progress:
-            return str(row.progress.get("state"))
+        if row.state == JobState.RUNNING and row.progress and row.progress.get("state"):
+            return str(row.progress["state"])
         return status_of(row.state, row.attempt).value
 
     @property
-    def progress(self) -> Any:
-        """The ``meta`` of the running job's last ``update_state()`` (Celery's ``info`` while in a custom
-        state); None when it set none, or once it finished."""
+    def info(self) -> Any:
+        """Celery's ``info``: while the job runs in a custom state, that state's ``meta``
+        (``self.update_state``); once it finished, its result (the exception for a failure); else None."""
         row = self._row()
-        if row is None or row.state != JobState.RUNNING or not row.progress:
+        if row is None:
             return None
-        return row.progress.get("meta")
+        if JobState(row.state) in FINISHED_STATES:
+            return self._outcome(row, propagate=False)
+        if row.state == JobState.RUNNING and row.progress and row.progress.get("state"):
+            return row.progress.get("meta")
+        return None
+
+    @property
+    def progress(self) -> Any:
+        """BullMQ's ``progress``: the last value the job gave ``self.update_progress()`` (a number, or any
+        JSON), kept once it finished; None when it gave none."""
+        row = self._row()
+        return None if row is None or not row.progress else row.progress.get("progress")
 
     state = status
 
@@ -189,12 +200,22 @@ class AsyncResult:
             return row.result
         if row.state == JobState.CANCELLED:
             reason = "was turned away by its throttle" if self.throttled else "was revoked"
-            exc: BaseException = TaskRevoked(f"job {row.id} {reason}")
+            expired = row.errors[-1] if row.errors and row.errors[-1].get("type") == "JobExpired" else None
+            exc: BaseException = (
+                JobExpired(f"job {row.id} {expired['message']}") if expired else TaskRevoked(f"job {row.id} {reason}")
+            )
         else:
             exc = failures.rebuild(row.errors[-1]) if row.errors else TaskError(f"job {self.id} is dead")
         if propagate:
             raise exc
         return exc
+
+    def forget(self) -> bool:
+        """Celery's ``forget()``: delete the finished job's row, its result and error history with it (the
+        handle reads PENDING again). A job that has not finished is kept; returns whether one was deleted."""
+        if self.throttled or not self._known:
+            return False
+        return self.app.store.forget(self.id)
 
     def revoke(self) -> bool:
         """Cancel the job if it has not started; True if it was cancelled by this call."""

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 #: The Alembic revision this version of taskpg needs (the head of ``alembic/versions``).
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0011"
 
 DEFAULT_SCHEMA = "taskpg"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # fullmatch: "$" would let a trailing "\n" in
@@ -98,6 +98,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("chord_id", UUID(as_uuid=False)),
         Column("chord_index", Integer),
         Column("chord_counted", Boolean, nullable=False, server_default=text("false")),
+        # Not started by then, never run: the claim cancels it (0011).
+        Column("expires_at", DateTime(timezone=True)),
         CheckConstraint(_state_in(JobState), name="jobs_state_check"),
         # The claim query walks this index in claim order and stops after LIMIT rows.
         Index(

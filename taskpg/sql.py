@@ -35,10 +35,11 @@ WITH due AS (
                     %(not_before)s::timestamptz) AS run_at
 ), inserted AS (
     INSERT INTO {jobs} (id, task, queue, args, kwargs, priority, max_attempts, state, run_at, unique_key, headers,
-                        links)
+                        links, expires_at)
     SELECT %(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority)s, %(max_attempts)s,
            CASE WHEN due.run_at > clock_timestamp() THEN 'scheduled' ELSE 'available' END, due.run_at,
-           %(unique_key)s, %(headers)s::jsonb, %(links)s::jsonb
+           %(unique_key)s, %(headers)s::jsonb, %(links)s::jsonb,
+           COALESCE(%(expires_at)s::timestamptz, clock_timestamp() + %(expires_in)s * interval '1 second')
     FROM due
     ON CONFLICT DO NOTHING
     RETURNING state, queue
@@ -199,10 +200,12 @@ ORDER BY finished_at LIMIT 1
 # The jobs a job's end inserted (links, the next step of a chain), oldest first.
 CHILDREN = "SELECT id::text FROM {jobs} WHERE parent_id = %(id)s::uuid ORDER BY created_at, id"
 
-# A running job says how far it got (self.update_state). Only while it runs: a late call from an attempt
-# that lost the job (rescued, finished) changes nothing. Returns whether it was written.
+# A running job says how far it got: self.update_state() sets {"state", "meta"}, self.update_progress()
+# sets {"progress"}; each keeps the other's keys. Only while it runs: a late call from an attempt that lost
+# the job (rescued, finished) changes nothing. Returns whether it was written.
 UPDATE_PROGRESS = """
-UPDATE {jobs} SET progress = %(progress)s::jsonb WHERE id = %(id)s AND state = 'running'
+UPDATE {jobs} SET progress = coalesce(progress, '{{}}'::jsonb) || %(progress)s::jsonb
+WHERE id = %(id)s AND state = 'running'
 """
 
 # Cancel a job that has not started. The state test runs under the row lock, so a job a
@@ -216,6 +219,10 @@ WITH revoked AS (
 )
 SELECT pg_notify(%(done_channel)s, id::text) FROM revoked
 """
+
+# Forget a finished job (Celery's forget()): its row goes, result and history with it; its handle reads
+# PENDING again. A job that has not finished is left alone.
+FORGET_JOB = "DELETE FROM {jobs} WHERE id = %(id)s::uuid AND state IN ('succeeded', 'dead', 'cancelled')"
 
 SCHEMA_VERSION = "SELECT version_num FROM {alembic_version}"
 
@@ -243,16 +250,27 @@ CLAIM_SESSION = "SET enable_bitmapscan = off"
 # rows. Each claim mints a new lease token that fences every later write of this attempt.
 CLAIM_JOBS = """
 WITH candidates AS (
-    SELECT c.id, c.priority, c.run_at
+    SELECT c.id, c.priority, c.run_at, c.expired
     FROM (SELECT queue FROM unnest(%(queues)s::text[]) AS listed(queue)
           WHERE NOT EXISTS (SELECT 1 FROM {queue_pauses} AS p WHERE p.queue = listed.queue)) AS served,
-         LATERAL (SELECT id, priority, run_at FROM {jobs}
+         LATERAL (SELECT id, priority, run_at, coalesce(expires_at <= now(), false) AS expired FROM {jobs}
                   WHERE state = 'available' AND queue = served.queue
                   ORDER BY priority DESC, run_at, id
                   LIMIT %(limit)s
                   FOR UPDATE SKIP LOCKED) AS c
+), expired AS (
+    -- Candidates whose expires_at passed are never run: they end cancelled (REVOKED) with a JobExpired
+    -- error, and get() waiters are told (RETURNING runs for every row: a data-modifying CTE always runs
+    -- to completion). The canvas trigger fires for them as for any revoked job.
+    UPDATE {jobs} AS j
+    SET state = 'cancelled', finished_at = now(),
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'type', 'JobExpired', 'module', 'taskpg.exceptions', 'attempt', j.attempt, 'at', now(),
+            'message', 'expired at ' || j.expires_at || ' before a worker started it'))
+    FROM candidates AS e WHERE e.expired AND j.id = e.id
+    RETURNING pg_notify(%(done_channel)s, j.id::text)
 ), picked AS (
-    SELECT id FROM candidates ORDER BY priority DESC, run_at, id LIMIT %(limit)s
+    SELECT id FROM candidates WHERE NOT expired ORDER BY priority DESC, run_at, id LIMIT %(limit)s
 ), claimed AS (
     UPDATE {jobs} AS j
     SET state = 'running', attempt = j.attempt + 1, started_at = now(), lease = gen_random_uuid(),
@@ -750,6 +768,7 @@ class Queries:
         self.children = self._render(CHILDREN)
         self.update_progress = self._render(UPDATE_PROGRESS)
         self.revoke_job = self._render(REVOKE_JOB)
+        self.forget_job = self._render(FORGET_JOB)
         self.schema_version = self._render(SCHEMA_VERSION)
         self.claim_jobs = self._render(CLAIM_JOBS)
         self.finish_jobs = self._render(FINISH_JOBS)

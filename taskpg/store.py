@@ -336,6 +336,8 @@ class Store:
             "not_before": job.not_before,
             "headers": job.headers,
             "links": job.links,
+            "expires_at": job.expires if isinstance(job.expires, dt.datetime) else None,
+            "expires_in": None if job.expires is None or isinstance(job.expires, dt.datetime) else job.expires,
             "channel": self.q.jobs_channel,
             "notify": notify,
         }
@@ -456,10 +458,14 @@ class Store:
         """Ids of the jobs that the end of ``job_id`` inserted, oldest first."""
         return [row[0] for row in self._all(self.q.children, {"id": job_id})]
 
-    def update_progress(self, job_id: str, state: str, meta: Any) -> bool:
-        """Record a running job's custom state and its meta (JSON); False when the job is not running."""
-        progress = codec.dumps({"state": state, "meta": meta})
-        return self._count(self.q.update_progress, {"id": job_id, "progress": progress}) > 0
+    def update_progress(self, job_id: str, said: Mapping[str, Any]) -> bool:
+        """Merge what a running job says of itself (``state``/``meta``, or ``progress``) into its row, as
+        JSON; False when the job is not running."""
+        return self._count(self.q.update_progress, {"id": job_id, "progress": codec.dumps(dict(said))}) > 0
+
+    def forget(self, job_id: str) -> bool:
+        """Delete a finished job's row; True when it was deleted."""
+        return self._count(self.q.forget_job, {"id": job_id}) > 0
 
     def revoke(self, job_id: str) -> bool:
         """Cancel a job that has not started; True when this call cancelled it."""
@@ -508,7 +514,13 @@ class Store:
         """Claim up to ``limit`` jobs. Arguments whose text in Postgres takes more than
         ``max_bytes * FETCH_MARGIN`` bytes are not fetched: the job comes with ``oversize`` set."""
         fetch_limit = max_bytes * FETCH_MARGIN
-        params = {"queues": list(queues), "limit": limit, "worker_id": worker_id, "fetch_limit": fetch_limit}
+        params = {
+            "queues": list(queues),
+            "limit": limit,
+            "worker_id": worker_id,
+            "fetch_limit": fetch_limit,
+            "done_channel": self.q.done_channel,
+        }
         return [ClaimedJob(*row) for row in self._all(self.q.claim_jobs, params)]
 
     def claim_capped(

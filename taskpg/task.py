@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import datetime as dt
 import functools
 import logging
 import time
@@ -22,8 +23,6 @@ from .options import VIA_CHOICES, TaskOptions, validate_priority, validate_queue
 from .result import AsyncResult
 
 if TYPE_CHECKING:
-    import datetime as dt
-
     from .buffer import BufferProducer
     from .enqueue import Announce
     from .guards import Guard, Planned
@@ -106,31 +105,33 @@ class Task(Generic[P, R]):
     def update_state(self, state: str = "PROGRESS", meta: Any = None, task_id: str | None = None) -> bool:
         """Celery's: record a state of your own (and JSON ``meta``) for the running job, say
         ``self.update_state(state="PROGRESS", meta={"done": 40, "total": 100})``. Its handle reports the
-        state (``status``) and the meta (``progress``) until the job finishes; a ``progress`` event is sent
+        state (``status``) and the meta (``info``) until the job finishes; a ``progress`` event is sent
         with ``events=True``. Returns False when the job is not running (any more)."""
-        job_id = task_id or self.request.id
-        if job_id is None:
-            raise ConfigurationError("update_state() outside a running job needs task_id=")
         if not isinstance(state, str) or not 0 < len(state) <= 64 or state in Status.__members__:
             raise ConfigurationError(
                 f"update_state(state={state!r}): use a name of your own (1-64 characters), not one of taskpg's "
                 f"statuses ({', '.join(Status.__members__)})"
             )
+        return self._say("update_state", {"state": state, "meta": meta}, task_id)
+
+    def update_progress(self, progress: Any, task_id: str | None = None) -> bool:
+        """BullMQ's ``job.updateProgress``: record how far the running job got (a number such as 42, or any
+        JSON); its handle's ``progress`` reads it, also once the job finished. A ``progress`` event is sent
+        with ``events=True``. Returns False when the job is not running (any more)."""
+        return self._say("update_progress", {"progress": progress}, task_id)
+
+    def _say(self, what: str, said: dict[str, Any], task_id: str | None) -> bool:
+        """Write what the running job says of itself to its row, and publish it as a ``progress`` event."""
+        job_id = task_id or self.request.id
+        if job_id is None:
+            raise ConfigurationError(f"{what}() outside a running job needs task_id=")
         try:
-            written = self.app.store.update_progress(job_id, state, meta)
+            written = self.app.store.update_progress(job_id, said)
         except (TypeError, ValueError) as exc:
-            raise SerializationError(f"task {self.name!r}: update_state meta is not JSON: {exc}") from exc
+            raise SerializationError(f"task {self.name!r}: {what} takes JSON: {exc}") from exc
         if written and self.app.send_events:
             request = self.request
-            event = JobEvent(
-                "progress",
-                job_id,
-                self.name,
-                request.queue or "",
-                request.attempt,
-                time.time(),
-                {"state": state, "meta": meta},
-            )
+            event = JobEvent("progress", job_id, self.name, request.queue or "", request.attempt, time.time(), said)
             try:
                 self.app.store.publish_events(events.payloads([event]))
             except Exception as exc:
@@ -180,6 +181,7 @@ class Task(Generic[P, R]):
         task_id: str | None = None,
         link: Any = None,
         link_error: Any = None,
+        expires: float | dt.datetime | None = None,
     ) -> AsyncResult:
         """Enqueue one job.
 
@@ -190,18 +192,19 @@ class Task(Generic[P, R]):
         ``task_id`` chooses the job's id (a second enqueue with the same id is the same job).
         ``link``/``link_error``: signatures (or lists of them) enqueued when this job succeeds (with its
         result prepended to their arguments) or ends dead or revoked (with its id), in the transaction
-        that records its outcome (docs/canvas.md).
+        that records its outcome (docs/canvas.md). ``expires`` (seconds, or an aware datetime): a job no
+        worker started by then is never run; it ends revoked (``JobExpired``).
         """
         planned = self.build_job(
             args or (), kwargs, countdown=countdown, eta=eta, queue=queue, priority=priority, job_id=task_id
         )
         job, guard = planned.job, planned.guard
         links = canvas.plan_links(self.app, link, link_error) if link or link_error else None
-        if links is not None:
+        if links is not None or expires is not None:
             if via == "buffer":
-                raise ConfigurationError("link=/link_error= are written straight to Postgres: drop via='buffer'")
+                raise ConfigurationError("link=, link_error= and expires= go straight to Postgres: drop via='buffer'")
             via = "db"
-            job = dataclasses.replace(job, links=links)
+            job = dataclasses.replace(job, links=links, expires=_checked_expiry(expires))
         buffered = self._through_buffer(via, session, connection, guard)
         header = self._header(job, buffered, args or (), kwargs or {}) if hooks.publishing() else None
         if header is not None:
@@ -431,6 +434,15 @@ def _check_timing(countdown: float | None, eta: dt.datetime | None) -> None:
         raise ConfigurationError("give countdown= or eta=, not both")
     if eta is not None and eta.tzinfo is None:
         raise ConfigurationError("eta= must be a timezone-aware datetime")
+
+
+def _checked_expiry(expires: float | dt.datetime | None) -> float | dt.datetime | None:
+    """``expires=``: seconds from now (a number >= 0) or a timezone-aware datetime."""
+    if expires is None or (isinstance(expires, dt.datetime) and expires.tzinfo is not None):
+        return expires
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not expires >= 0:
+        raise ConfigurationError(f"expires={expires!r}: expected seconds >= 0 or a timezone-aware datetime")
+    return float(expires)
 
 
 def _split_call(index: int, call: Sequence[Any] | Mapping[str, Any]) -> tuple[Sequence[Any], Mapping[str, Any]]:

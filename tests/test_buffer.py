@@ -487,7 +487,7 @@ def test_buffer_lists_are_configurable_and_several_are_flushed(
         rows = db.execute(f'SELECT args, kwargs FROM "{migrated_schema}".jobs').fetchall()
         items = sorted([*args, *kwargs.values()][0] for args, kwargs in rows)
         assert items == [1, 2, 3, 4, 5]
-        assert app.AsyncResult(mine.id).status == "PENDING" and app.AsyncResult(mine.id).info() is not None
+        assert app.AsyncResult(mine.id).status == "PENDING" and app.AsyncResult(mine.id).record() is not None
         assert client.llen(seeds_list) == client.llen(second) == 0
     finally:
         client.delete(seeds_list)

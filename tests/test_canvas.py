@@ -279,3 +279,34 @@ def _wait_children(handle: AsyncResult, count: int = 1) -> list[AsyncResult]:
 
 def _exists(db: psycopg.Connection, app: TaskPG, job_id: str) -> bool:
     return db.execute(f'SELECT count(*) FROM "{app.schema}".jobs WHERE id = %s', [job_id]).fetchone() == (1,)
+
+
+# -- expiry ------------------------------------------------------------------------------------------------
+
+
+def test_a_job_not_started_by_its_expiry_is_never_run_and_ends_revoked(
+    app: TaskPG, t: SimpleNamespace, run_worker: Any, db: psycopg.Connection
+) -> None:
+    import datetime as dt
+
+    from taskpg import JobExpired, TaskRevoked
+
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    expired = t.note.apply_async(("late",), expires=past, link_error=t.note.s("expired"))
+    later = t.note.apply_async(("in time",), expires=3600)
+    with run_worker(app, concurrency=2):
+        assert later.get(timeout=15) == "noted"
+        with pytest.raises(JobExpired, match="before a worker started it"):
+            expired.get(timeout=15)
+        (errback,) = expired.children
+        assert errback.get(timeout=15) == "noted"
+    assert isinstance(expired.result, TaskRevoked) and expired.status == Status.REVOKED
+    row = job_row(db, app, expired.id)
+    assert (row["state"], row["attempt"], row["errors"][-1]["type"]) == ("cancelled", 0, "JobExpired")
+    assert ("late",) not in t.noted and ("in time",) in t.noted and (expired.id, "expired") in t.noted
+    assert job_row(db, app, later.id)["expires_at"] is not None
+    for bad in (-1, "soon", dt.datetime(2030, 1, 1)):
+        with pytest.raises(ConfigurationError, match="expires="):
+            t.note.apply_async(expires=bad)
+    with pytest.raises(ConfigurationError, match="not inside a canvas yet"):
+        chain(t.add.s(1, 1), t.add.s(1).set(expires=10)).apply_async()

@@ -83,7 +83,9 @@ def fill(db: psycopg.Connection, app: TaskPG, rows: int = 30_000) -> None:
 def test_claim_uses_the_partial_claim_index(app: TaskPG, db: psycopg.Connection) -> None:
     fill(db, app)
     text = plan(
-        db, app.store.q.claim_jobs, {"queues": ["default"], "limit": 100, "worker_id": "w", "fetch_limit": 2_000_000}
+        db,
+        app.store.q.claim_jobs,
+        {"queues": ["default"], "limit": 100, "worker_id": "w", "fetch_limit": 2_000_000, "done_channel": "x"},
     )
     assert "jobs_claim_idx" in text
     assert '"Node Type": "Seq Scan"' not in text

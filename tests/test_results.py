@@ -156,15 +156,41 @@ def test_update_state_reports_progress_while_the_job_runs(app: TaskPG, run_worke
         return "done"
 
     handle = report.delay(10)
-    assert handle.status == "PENDING" and handle.progress is None
+    assert handle.status == "PENDING" and handle.info is None
     with run_worker(app):
         assert halfway.wait(10)
         wait_for(lambda: handle.status == "PROGRESS", 10, "the custom state")
-        assert handle.progress == {"done": 5, "total": 10}
+        assert handle.info == {"done": 5, "total": 10}  # Celery's res.info in a custom state
         release.set()
         assert handle.get(timeout=10) == "done"
-    assert (handle.status, handle.progress) == ("SUCCESS", None)
+    assert (handle.status, handle.info) == ("SUCCESS", "done")  # and the result once finished
     assert report.update_state(meta={"late": True}, task_id=handle.id) is False  # not running any more
+
+
+def test_update_progress_is_bullmqs_progress_and_outlives_the_job(app: TaskPG, run_worker: Any) -> None:
+    halfway, release = threading.Event(), threading.Event()
+
+    @app.task(name="results.upload", bind=True)
+    def upload(self: Any, parts: int) -> int:
+        assert self.update_progress(50)
+        assert self.update_state(state="UPLOADING", meta={"part": 1})
+        halfway.set()
+        release.wait(10)
+        assert self.update_progress({"parts": parts, "done": parts})
+        return parts
+
+    handle = upload.delay(4)
+    assert handle.progress is None
+    with run_worker(app):
+        assert halfway.wait(10)
+        wait_for(lambda: handle.status == "UPLOADING", 10, "the custom state")
+        assert (handle.progress, handle.info) == (50, {"part": 1})  # each keeps the other's
+        release.set()
+        assert handle.get(timeout=10) == 4
+    assert handle.progress == {"parts": 4, "done": 4} and handle.info == 4
+    assert upload.update_progress(99, task_id=handle.id) is False
+    failed = app.AsyncResult(handle.id).record()
+    assert failed is not None and failed["progress"]["progress"] == {"parts": 4, "done": 4}
 
 
 def test_update_state_refuses_what_it_cannot_store(app: TaskPG) -> None:
@@ -181,3 +207,18 @@ def test_update_state_refuses_what_it_cannot_store(app: TaskPG) -> None:
         nothing.update_state(state="SUCCESS", task_id=some_id)
     with pytest.raises(SerializationError, match="not JSON"):
         nothing.update_state(meta={"when": object()}, task_id=some_id)
+
+
+def test_forget_deletes_a_finished_job_and_keeps_an_unfinished_one(app: TaskPG, run_worker: Any) -> None:
+    @app.task(name="results.forgettable")
+    def forgettable(n: int) -> int:
+        return n
+
+    done = forgettable.delay(1)
+    with run_worker(app):
+        assert done.get(timeout=10) == 1
+    waiting = forgettable.delay(2)
+    assert waiting.forget() is False and waiting.status == "PENDING" and waiting.record() is not None
+    assert done.forget() is True
+    assert (done.status, done.result, done.record()) == ("PENDING", None, None)
+    assert done.forget() is False and app.AsyncResult("not-a-job").forget() is False

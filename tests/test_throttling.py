@@ -192,7 +192,7 @@ def test_a_buffered_call_turned_away_by_a_unique_key_leads_to_the_holder(
     assert db.execute(f'SELECT count(*) FROM "{schema}".jobs').fetchone() == (1,)
     holders = db.execute(f'SELECT id::text, holder::text FROM "{schema}".duplicates ORDER BY id').fetchall()
     assert sorted(holders) == sorted([(buffered.id, direct.id), (foreign_id, direct.id)])
-    info = buffered.info()
+    info = buffered.record()
     assert info is not None and info["id"] == direct.id  # the handle reads the holder's row
     with run_worker(buffered_app):
         assert buffered.get(timeout=15) == "charged 7"
