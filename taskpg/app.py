@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from . import codec, control, embedded, migrate, ops
+from . import canvas, codec, control, embedded, migrate, ops
 from . import events as events_module
 from .buffer import BufferProducer, buffer_key
 from .connections import Connections
@@ -91,6 +91,7 @@ class TaskPG:
         if not all(callable(m) for m in self.middleware):
             raise ConfigurationError("middleware= takes callables (call_next, request) -> result")
         self.tasks = TaskRegistry()
+        canvas.register_builtins(self)  # taskpg.map and taskpg.starmap, behind task.map/starmap/chunks
         self._periodic: list[Schedule] = []
         self.queues: dict[str, QueueOptions] = {}
         self.retention: dict[str | None, Retention] = {None: Retention()}

@@ -48,6 +48,9 @@ SIGNATURE_OPTIONS = frozenset(
         "via",
     }
 )
+#: The built-in tasks of map/starmap/chunks.
+MAP_TASK = "taskpg.map"
+STARMAP_TASK = "taskpg.starmap"
 #: Options that only the first jobs of a canvas take (the others start when their parents end).
 START_OPTIONS = frozenset({"countdown", "eta"})
 
@@ -328,6 +331,55 @@ class chord(Signature):
 
     def __repr__(self) -> str:
         return f"chord([{', '.join(repr(t) for t in self.header)}], {self.body!r})"
+
+
+class chunks(group):
+    """``task.chunks(items, n)``: the items (argument tuples) cut into parts of ``n``, each part one job that
+    calls the task for each of its items in order; a group of those jobs, whose ``get()`` is a list of lists."""
+
+    def __init__(self, task: Any, items: Iterable[Sequence[Any]], n: int, app: CanvasHost | None = None) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigurationError(f"chunks(..., {n!r}): the size of a part is a whole number >= 1")
+        listed = [list(item) for item in items]
+        host = app or getattr(task, "app", None)
+        parts = [listed[i : i + n] for i in range(0, len(listed), n)]
+        super().__init__(*[starmap(task, part, host) for part in parts], app=host)
+
+    def group(self) -> group:
+        """The same jobs as a plain group."""
+        return group(*self.tasks, app=self._app)
+
+
+def map(task: Any, items: Iterable[Any], app: CanvasHost | None = None) -> Signature:
+    """``task.map(items)``: one job calling the task with each item as its argument; its result is the list."""
+    return _mapped(MAP_TASK, task, list(items), app)
+
+
+def starmap(task: Any, items: Iterable[Sequence[Any]], app: CanvasHost | None = None) -> Signature:
+    """``task.starmap(items)``: one job calling ``task(*item)`` for each item; its result is the list."""
+    return _mapped(STARMAP_TASK, task, [list(item) for item in items], app)
+
+
+def _mapped(builtin: str, task: Any, items: list[Any], app: CanvasHost | None) -> Signature:
+    name = task if isinstance(task, str) else task.name
+    queue = getattr(getattr(task, "options", None), "queue", None)
+    return Signature(builtin, [name, items], options={"queue": queue} if queue else {}, app=app or task.app)
+
+
+def register_builtins(app: Any) -> None:
+    """The tasks behind ``map``, ``starmap`` and ``chunks``, registered in every app (so every worker has
+    them): one job that calls a task of the app for each item, in order, in the worker."""
+
+    def map_items(task: str, items: list[Any]) -> list[Any]:
+        call = app.tasks[task]
+        return [call(item) for item in items]
+
+    def starmap_items(task: str, items: list[list[Any]]) -> list[Any]:
+        call = app.tasks[task]
+        return [call(*item) for item in items]
+
+    app.task(name=MAP_TASK)(map_items)
+    app.task(name=STARMAP_TASK)(starmap_items)
 
 
 def signature(value: Any, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, *,

@@ -162,6 +162,18 @@ class Task(Generic[P, R]):
         """``signature(args, kwargs)``: ``add.s(2)`` is a partial, completed when called (``add.s(2).delay(8)``)."""
         return Signature(self, args, kwargs, app=self.app)
 
+    def map(self, items: Iterable[Any]) -> Signature:
+        """Celery's ``task.map(items)``: one job that calls this task with each item; its result is the list."""
+        return canvas.map(self, items)
+
+    def starmap(self, items: Iterable[Sequence[Any]]) -> Signature:
+        """Celery's ``task.starmap(items)``: one job that calls ``task(*item)`` for each item."""
+        return canvas.starmap(self, items)
+
+    def chunks(self, items: Iterable[Sequence[Any]], n: int) -> canvas.chunks:
+        """Celery's ``task.chunks(items, n)``: the items in parts of ``n``, one starmap job per part, as a group."""
+        return canvas.chunks(self, items, n)
+
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """An immutable signature: call-time arguments and a parent's result are not added to its own."""
         return Signature(self, args, kwargs, immutable=True, app=self.app)

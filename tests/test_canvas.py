@@ -310,3 +310,23 @@ def test_a_job_not_started_by_its_expiry_is_never_run_and_ends_revoked(
             t.note.apply_async(expires=bad)
     with pytest.raises(ConfigurationError, match="not inside a canvas yet"):
         chain(t.add.s(1, 1), t.add.s(1).set(expires=10)).apply_async()
+
+
+# -- map, starmap, chunks ----------------------------------------------------------------------------------
+
+
+def test_map_starmap_and_chunks(app: TaskPG, t: SimpleNamespace, worker: Worker) -> None:
+    @app.task(name="canvas.double")
+    def double(n: int) -> int:
+        return 2 * n
+
+    assert double.map([1, 2, 3]).delay().get(timeout=15) == [2, 4, 6]  # one job for the three calls
+    assert t.add.starmap([(2, 2), (4, 4)]).apply_async().get(timeout=15) == [4, 8]
+    res = t.add.chunks(zip(range(100), range(100), strict=True), 10)()
+    assert isinstance(res, GroupResult) and len(res) == 10
+    assert res.get(timeout=30) == [[2 * (10 * p + i) for i in range(10)] for p in range(10)]
+    assert isinstance(t.add.chunks([(1, 1)], 1).group(), group)
+    # In a canvas like any signature: the mapped results feed the next step.
+    assert (double.map([1, 2]) | t.xsum.s()).delay().get(timeout=15) == 6
+    with pytest.raises(ConfigurationError, match="size of a part"):
+        t.add.chunks([(1, 1)], 0)
