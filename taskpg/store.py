@@ -745,7 +745,10 @@ class Store:
         self._count(self.q.mark_demo_schema)
 
     def is_demo_schema(self) -> bool:
-        row = self._one(self.q.is_demo_schema, {"schema": self.schema})
+        """Whether ``taskpg demo`` made this schema; asked before any migration, so whatever revision the
+        schema is at (the demo upgrades its own schemas, and no other)."""
+        with self.connections.direct() as conn:
+            row = conn.execute(self.q.is_demo_schema, {"schema": self.schema}).fetchone()
         return bool(row and row[0])
 
     def queue_depths(self) -> list[QueueDepth]:

@@ -62,3 +62,14 @@ def test_the_demo_never_touches_a_schema_it_did_not_create(
     rows = db.execute(f'SELECT id::text FROM "{migrated_schema}".jobs').fetchall()
     assert rows == [(kept.id,)]
     app.close()
+
+
+def test_the_demo_upgrades_a_schema_it_made_with_an_older_taskpg(pg_dsn: str, schema: str) -> None:
+    from taskpg import migrate
+    from taskpg.schema import SCHEMA_REVISION
+
+    assert demo(pg_dsn, schema).returncode == 0
+    migrate.downgrade(pg_dsn, schema, "0008")  # as an older taskpg left it
+    again = demo(pg_dsn, schema)
+    assert again.returncode == 0, again.stderr
+    assert migrate.current(pg_dsn, schema) == SCHEMA_REVISION
