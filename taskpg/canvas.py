@@ -165,7 +165,8 @@ class Signature(dict[str, Any]):
         self["immutable"] = bool(immutable)
 
     def link(self, callback: Signature) -> Signature:
-        """Run ``callback`` with this task's result once it succeeds; returns ``callback``."""
+        """Run ``callback`` with this task's result once it succeeds; returns ``callback``. (On a chain, group
+        or chord it is refused when enqueued: link the last task instead.)"""
         self["options"]["link"] = [*_as_list(self["options"].get("link")), callback]
         return callback
 
@@ -178,6 +179,8 @@ class Signature(dict[str, Any]):
 
     def freeze(self, id: str | None = None) -> AsyncResult:
         """Choose the job id now (kept by every later call) and return its handle."""
+        if self.subtask_type is not None:
+            raise ConfigurationError(f"{self!r}: freeze() takes a task signature (the handle comes from apply_async)")
         self["options"].setdefault("task_id", id or new_job_id())
         return AsyncResult(self.app, str(self["options"]["task_id"]), self.task)
 
@@ -456,6 +459,14 @@ class _Plan:
         self, node: Signature, chord_ref: tuple[str, int] | None, parent: Any
     ) -> tuple[list[dict[str, Any]], Any]:
         """The templates that start ``node`` and its result handle (chained to ``parent``)."""
+        if node.subtask_type is not None:
+            _refuse_canvas_options(node)
+        if chord_ref is not None and isinstance(node, chord):
+            raise ConfigurationError(f"{node!r}: a chord as a member of another chord's header is not supported yet")
+        if chord_ref is not None and isinstance(node, chain) and len(_normalise(node.tasks, self.app)) > 1:
+            raise ConfigurationError(
+                f"{node!r}: a chain of several steps as a chord's header member is not supported yet"
+            )
         if isinstance(node, chain):
             return self._chain(node, chord_ref, parent)
         if isinstance(node, group):
@@ -504,6 +515,21 @@ class _Plan:
             return body_templates, body_result
         self.chords.append((chord_id, len(header), body_templates[0]))
         return [t for ts, _ in header for t in ts], body_result
+
+
+#: Options of a task's signature that a chain, group or chord does not take (yet): refused, not dropped.
+TASK_ONLY_OPTIONS = ("link", "link_error", "expires")
+
+
+def _refuse_canvas_options(node: Signature) -> None:
+    given = [name for name in TASK_ONLY_OPTIONS if node.options.get(name)]
+    if node.subtask_type != "group" and node.options.get("task_id"):
+        given.append("task_id")
+    if given:
+        raise ConfigurationError(
+            f"{node!r}: {', '.join(given)} on a whole {node.subtask_type} is not supported yet: "
+            "set it on the task signatures inside"
+        )
 
 
 def apply(node: Signature, options: Mapping[str, Any]) -> Any:

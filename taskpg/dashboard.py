@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import http.cookies
 import ipaddress
@@ -119,8 +120,10 @@ class Dashboard:
         return [response.body]
 
     def handle(self, request: Request) -> Response:
-        if not self.has_auth and not is_loopback(request.host_name):
-            raise Refused("403 Forbidden", "this dashboard has no authentication: it answers loopback hosts only")
+        if not self.has_auth:
+            refusal = _open_refusal(request)
+            if refusal is not None:
+                raise Refused("403 Forbidden", f"this dashboard has no authentication: {refusal}")
         if not self._authorized(request):
             return Response(
                 "401 Unauthorized",
@@ -129,7 +132,8 @@ class Dashboard:
                 [("WWW-Authenticate", 'Basic realm="taskpg"')] if self.basic_auth else [],
             )
         if request.method == "GET" and self.token and request.query.get("token") == self.token:
-            return self._redirect(request, request.base + request.path, [_cookie(TOKEN_COOKIE, self.token)])
+            kept = _cookie(TOKEN_COOKIE, _token_cookie(self.token), request.cookie_path)
+            return self._redirect(request, request.base + request.path, [kept])
         if request.method == "POST" and request.path.startswith("/actions/"):
             return self._act(request, request.path.removeprefix("/actions/"))
         if request.method not in ("GET", "HEAD"):
@@ -142,7 +146,7 @@ class Dashboard:
         given = request.header("AUTHORIZATION")
         if self.token and (
             _same(given, f"Bearer {self.token}")
-            or _same(request.cookies.get(TOKEN_COOKIE), self.token)
+            or _same(request.cookies.get(TOKEN_COOKIE), _token_cookie(self.token))
             or _same(request.query.get("token"), self.token)
         ):
             return True
@@ -209,9 +213,9 @@ class Dashboard:
     def _page(self, request: Request, title: str, current: str, body: str) -> Response:
         flash = request.cookies.get(FLASH_COOKIE)
         message, error = (urllib.parse.unquote(flash[1:]), flash.startswith("!")) if flash else (None, False)
-        cookies = [_cookie(CSRF_COOKIE, request.csrf)] if request.new_csrf else []
+        cookies = [_cookie(CSRF_COOKIE, request.csrf, request.cookie_path)] if request.new_csrf else []
         if flash:
-            cookies.append(_cookie(FLASH_COOKIE, "", max_age=0))
+            cookies.append(_cookie(FLASH_COOKIE, "", request.cookie_path, max_age=0))
         if request.header("X_TASKPG_PART") == "main":
             text = pages.main(title, body, message, error)
             return Response("200 OK", text.encode(), HTML, cookies)
@@ -267,7 +271,8 @@ class Dashboard:
 
     def _done(self, request: Request, target: str, message: str) -> Response:
         """Back to ``target``, which shows ``message`` once (a cookie, so no URL can forge one)."""
-        return self._redirect(request, target, [_cookie(FLASH_COOKIE, "+" + urllib.parse.quote(message))])
+        flash = _cookie(FLASH_COOKIE, "+" + urllib.parse.quote(message), request.cookie_path)
+        return self._redirect(request, target, [flash])
 
     @staticmethod
     def _redirect(request: Request, target: str, cookies: list[tuple[str, str]]) -> Response:
@@ -295,6 +300,11 @@ class Request:
         return str(self.environ.get(f"HTTP_{name}", "") or "")
 
     @property
+    def cookie_path(self) -> str:
+        """The path the dashboard's cookies are for: its mount point."""
+        return self.base or "/"
+
+    @property
     def host_name(self) -> str:
         """The Host header without its port (and without the brackets of an IPv6 address)."""
         host = self.host
@@ -318,9 +328,34 @@ def _same(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def _cookie(name: str, value: str, max_age: int | None = None) -> tuple[str, str]:
-    text = f"{name}={value}; Path=/; HttpOnly; SameSite=Strict"
+def _cookie(name: str, value: str, path: str = "/", max_age: int | None = None) -> tuple[str, str]:
+    """A cookie for the dashboard's own path only (a mounted dashboard's cookies stay out of the host app)."""
+    text = f"{name}={value}; Path={path}; HttpOnly; SameSite=Strict"
     return "Set-Cookie", text + (f"; Max-Age={max_age}" if max_age is not None else "")
+
+
+def _token_cookie(token: str) -> str:
+    """What the token cookie holds: a digest of the token (hex, so any token fits a cookie), never the token."""
+    return hashlib.sha256(b"taskpg-dashboard:" + token.encode()).hexdigest()
+
+
+#: Headers a proxy adds: a dashboard without authentication refuses requests that carry one.
+FORWARDING_HEADERS = ("FORWARDED", "X_FORWARDED_FOR", "X_FORWARDED_HOST", "X_REAL_IP")
+
+
+def _open_refusal(request: Request) -> str | None:
+    """Why a dashboard without authentication must not answer this request (None when it may): the
+    connection must come from this machine, the Host must name it (no DNS rebinding), and no proxy may be
+    in between (a proxy on this machine would make the first two true for the whole network)."""
+    if not is_loopback(request.host_name):
+        return "it answers loopback hosts only"
+    remote = str(request.environ.get("REMOTE_ADDR", ""))
+    if remote and not is_loopback(remote):
+        return f"it answers connections from this machine only, not from {remote}"
+    forwarded = [name for name in FORWARDING_HEADERS if request.header(name)]
+    if forwarded:
+        return "it does not answer through a proxy (configure --token or --basic-auth behind one)"
+    return None
 
 
 def _json(value: Any, status: str = "200 OK") -> Response:
@@ -407,10 +442,17 @@ def _environ(scope: dict[str, Any], body: bytes) -> Environ:
         "wsgi.input": io.BytesIO(body),
         "wsgi.url_scheme": scope.get("scheme", "http"),
     }
+    client = scope.get("client")
+    if client:
+        environ["REMOTE_ADDR"] = str(client[0])
     for name, value in scope.get("headers", []):
         key = name.decode("latin-1").upper().replace("-", "_")
-        if key not in ("CONTENT_LENGTH", "CONTENT_TYPE"):
-            environ[f"HTTP_{key}"] = value.decode("latin-1")
+        if key in ("CONTENT_LENGTH", "CONTENT_TYPE"):
+            continue
+        text = value.decode("latin-1")
+        if f"HTTP_{key}" in environ:  # a repeated header (HTTP/2 sends cookies one per header): joined
+            text = environ[f"HTTP_{key}"] + ("; " if key == "COOKIE" else ", ") + text
+        environ[f"HTTP_{key}"] = text
     return environ
 
 

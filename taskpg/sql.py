@@ -220,9 +220,21 @@ WITH revoked AS (
 SELECT pg_notify(%(done_channel)s, id::text) FROM revoked
 """
 
+# A condition of every statement that deletes finished jobs: members of a chord that is still open are
+# kept, since its body reads the members' results from their rows when the last one ends.
+KEEP_OPEN_CHORDS = """
+      AND (chord_id IS NULL OR NOT EXISTS (SELECT 1 FROM {chords} AS c
+                                           WHERE c.id = chord_id AND c.done < c.size AND c.failed_by IS NULL))
+"""
+
 # Forget a finished job (Celery's forget()): its row goes, result and history with it; its handle reads
-# PENDING again. A job that has not finished is left alone.
-FORGET_JOB = "DELETE FROM {jobs} WHERE id = %(id)s::uuid AND state IN ('succeeded', 'dead', 'cancelled')"
+# PENDING again. A job that has not finished is left alone, and so is a member of a chord that is still
+# open (its body will read the members' results from their rows; retention keeps them too).
+FORGET_JOB = (
+    """
+DELETE FROM {jobs} WHERE id = %(id)s::uuid AND state IN ('succeeded', 'dead', 'cancelled')"""
+    + KEEP_OPEN_CHORDS
+)
 
 SCHEMA_VERSION = "SELECT version_num FROM {alembic_version}"
 
@@ -260,15 +272,17 @@ WITH candidates AS (
                   FOR UPDATE SKIP LOCKED) AS c
 ), expired AS (
     -- Candidates whose expires_at passed are never run: they end cancelled (REVOKED) with a JobExpired
-    -- error, and get() waiters are told (RETURNING runs for every row: a data-modifying CTE always runs
-    -- to completion). The canvas trigger fires for them as for any revoked job.
+    -- error, get() waiters are told, and the queue's workers are woken to claim again, since the jobs
+    -- behind the expired ones may be due (RETURNING runs for every row: a data-modifying CTE always runs
+    -- to completion; Postgres sends one notification per distinct payload). The canvas trigger fires for
+    -- them as for any revoked job.
     UPDATE {jobs} AS j
     SET state = 'cancelled', finished_at = now(),
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'type', 'JobExpired', 'module', 'taskpg.exceptions', 'attempt', j.attempt, 'at', now(),
             'message', 'expired at ' || j.expires_at || ' before a worker started it'))
     FROM candidates AS e WHERE e.expired AND j.id = e.id
-    RETURNING pg_notify(%(done_channel)s, j.id::text)
+    RETURNING pg_notify(%(done_channel)s, j.id::text), pg_notify(%(jobs_channel)s, j.queue)
 ), picked AS (
     SELECT id FROM candidates WHERE NOT expired ORDER BY priority DESC, run_at, id LIMIT %(limit)s
 ), claimed AS (
@@ -398,6 +412,19 @@ FROM promoted
 
 # A transaction-scoped advisory lock on a name: serialises capped claims for one queue across every
 # worker.
+# taskpg.testing's drain(with_scheduled=True): every scheduled job of these queues due now, whatever its time.
+MAKE_DUE = """
+WITH due AS (
+    UPDATE {jobs} SET state = 'available', run_at = now()
+    WHERE state = 'scheduled' AND queue = ANY(%(queues)s::text[])
+    RETURNING 1
+)
+SELECT count(*) FROM due
+"""
+
+# The testing plugin's schemas, dropped after their test (store.drop_test_schema checks the name).
+DROP_TEST_SCHEMA = "DROP SCHEMA IF EXISTS {schema} CASCADE"
+
 ADVISORY_XACT_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%(name)s))"
 
 # Rate limits (Postgres backend): GCRA, the generic cell rate algorithm, without bursts: a key's tat
@@ -515,28 +542,36 @@ UPDATE {periodic_ticks} SET job_id = %(job_id)s WHERE schedule = %(schedule)s AN
 # -- retention --------------------------------------------------------------------------------
 
 # Delete finished jobs of one state older than a given age, in batches (short transactions).
-PRUNE_BY_AGE = """
+PRUNE_BY_AGE = (
+    """
 DELETE FROM {jobs} WHERE id IN (
     SELECT id FROM {jobs}
     WHERE state = %(state)s AND finished_at < now() - %(age)s * interval '1 second'
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND NOT (queue = ANY(%(other_queues)s::text[]))
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND NOT (queue = ANY(%(other_queues)s::text[]))"""
+    + KEEP_OPEN_CHORDS
+    + """
     LIMIT %(batch)s
 )
 """
+)
 
 # Keep at most %(keep)s finished jobs of one state per queue, the newest.
-PRUNE_BY_COUNT = """
+PRUNE_BY_COUNT = (
+    """
 DELETE FROM {jobs} WHERE id IN (
     SELECT id FROM (
         SELECT id, row_number() OVER (PARTITION BY queue ORDER BY finished_at DESC) AS newest
         FROM {jobs}
         WHERE state = %(state)s AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-          AND NOT (queue = ANY(%(other_queues)s::text[]))
+          AND NOT (queue = ANY(%(other_queues)s::text[]))"""
+    + KEEP_OPEN_CHORDS
+    + """
     ) AS ranked
     WHERE newest > %(keep)s
     LIMIT %(batch)s
 )
 """
+)
 
 # Whether autovacuum can look after the jobs table: on for the server (with the statistics it
 # needs) and not disabled on the table. When it cannot, the maintenance chore vacuums it instead.
@@ -719,6 +754,8 @@ WITH retried AS (
     UPDATE {jobs}
     SET state = 'available', attempt = 0, snoozes = 0, run_at = now(), finished_at = NULL, worker_id = NULL
     WHERE state = 'dead'
+      -- A failed chord's body never ran and holds no results to run with: it is not retried (retry the chord).
+      AND errors -> -1 ->> 'type' IS DISTINCT FROM 'ChordError'
       AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
       AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND (%(task)s::text IS NULL OR task = %(task)s)
     RETURNING id, queue
@@ -775,6 +812,8 @@ class Queries:
         self.lease_held = self._render(LEASE_HELD)
         self.announce = self._render(ANNOUNCE)
         self.promote_due = self._render(PROMOTE_DUE)
+        self.make_due = self._render(MAKE_DUE)
+        self.drop_test_schema = self._render(DROP_TEST_SCHEMA)
         self.heartbeat = self._render(HEARTBEAT)
         self.delete_worker = self._render(DELETE_WORKER)
         self.record_running = self._render(RECORD_RUNNING)

@@ -520,6 +520,7 @@ class Store:
             "worker_id": worker_id,
             "fetch_limit": fetch_limit,
             "done_channel": self.q.done_channel,
+            "jobs_channel": self.q.jobs_channel,
         }
         return [ClaimedJob(*row) for row in self._all(self.q.claim_jobs, params)]
 
@@ -568,6 +569,18 @@ class Store:
         row = self._one(self.q.promote_due, {"limit": limit, "channel": self.q.jobs_channel})
         assert row is not None
         return Promoted(int(row[0]), None if row[2] is None else float(row[2]))
+
+    def make_due(self, queues: Sequence[str]) -> int:
+        """Make every scheduled job of ``queues`` available now (taskpg.testing's ``with_scheduled``)."""
+        row = self._one(self.q.make_due, {"queues": list(queues)})
+        return int(row[0]) if row else 0
+
+    def drop_test_schema(self, prefix: str) -> None:
+        """Drop this schema, which a test made (its name must start with ``prefix``)."""
+        if not self.schema.startswith(prefix):
+            raise ValueError(f"schema {self.schema!r} was not made by a test: it is not dropped")
+        with self.connections.direct() as conn:
+            conn.execute(self.q.drop_test_schema)
 
     # -- workers, rescue -------------------------------------------------------------------------
 

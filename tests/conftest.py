@@ -71,6 +71,12 @@ def pg_dsn() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def taskpg_dsn(pg_dsn: str) -> str:
+    """The taskpg.testing plugin's fixtures (tests/test_testing.py) use this suite's Postgres."""
+    return pg_dsn
+
+
 def drop_schema(dsn: str, schema: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -330,3 +330,64 @@ def test_map_starmap_and_chunks(app: TaskPG, t: SimpleNamespace, worker: Worker)
     assert (double.map([1, 2]) | t.xsum.s()).delay().get(timeout=15) == 6
     with pytest.raises(ConfigurationError, match="size of a part"):
         t.add.chunks([(1, 1)], 0)
+
+
+def test_the_canvas_example_runs(pg_dsn: str, schema: str) -> None:
+    from support.example_runner import run_example
+
+    out = run_example("canvas_pipeline.py", TASKPG_DSN=pg_dsn, TASKPG_SCHEMA=schema)
+    assert out.splitlines() == [
+        "receipt: order 7, 30 EUR",
+        "order 13 stopped: card declined for order 13",
+        "order 13 failed: card declined for order 13",
+    ]
+
+
+def test_expired_jobs_at_the_head_of_a_queue_do_not_hold_up_the_jobs_behind(
+    app: TaskPG, t: SimpleNamespace, run_worker: Any, db: psycopg.Connection
+) -> None:
+    import datetime as dt
+
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    expired = [t.note.apply_async((n,), expires=past) for n in range(60)]
+    behind = t.note.apply_async(("behind",))
+    # Claims of 2 at a time, and no poll in the test's time: only the claims' own wake-ups move on.
+    with run_worker(app, concurrency=1, prefetch=1, poll_interval=600):
+        assert behind.get(timeout=30) == "noted"
+    states = {job_row(db, app, h.id)["state"] for h in expired}
+    assert states == {"cancelled"} and t.noted == [("behind",)]
+
+
+def test_canvas_shapes_and_options_not_supported_yet_are_refused_not_dropped(t: SimpleNamespace) -> None:
+    refused = [
+        (chord([chain(t.add.s(1, 1), t.mul.s(2))], t.xsum.s()), "chain of several steps as a chord's header member"),
+        (chord([chord([t.add.s(1, 1)], t.xsum.s())], t.xsum.s()), "a chord as a member of another chord"),
+        (chain(t.add.s(1, 1), t.mul.s(2)).set(link=t.note.s()), "link on a whole chain"),
+        (group(t.add.s(1, 1)).set(link_error=t.note.s()), "link_error on a whole group"),
+        (chord([t.add.s(1, 1)], t.xsum.s()).set(task_id=str(uuid.uuid4())), "task_id on a whole chord"),
+    ]
+    for canvas, message in refused:
+        with pytest.raises(ConfigurationError, match=message):
+            canvas.apply_async()
+    with pytest.raises(ConfigurationError, match="freeze"):
+        chain(t.add.s(1, 1), t.mul.s(2)).freeze()
+
+
+def test_a_failed_chords_body_is_not_retried_and_open_chords_keep_their_members(
+    app: TaskPG, t: SimpleNamespace, worker: Worker, db: psycopg.Connection
+) -> None:
+    from taskpg import deadletter, retention
+
+    failed = chord([t.boom.s(), t.add.s(1, 1)], t.xsum.s())()
+    with pytest.raises(ChordError):
+        failed.get(timeout=15)
+    assert deadletter.retry_dead(app.store, [failed.id]) == 0  # it holds no results to run with
+    assert job_row(db, app, failed.id)["state"] == "dead"
+
+    # An open chord: its finished member stays through forget() and retention until the chord is done.
+    open_chord = chord([t.add.s(2, 2), t.add.si(0, 0).set(countdown=3600)], t.xsum.s())()
+    first = open_chord.parent[0]
+    assert first.get(timeout=15) == 4
+    assert first.forget() is False
+    retention.prune(app.store, {None: retention.Retention(succeeded=0.0)})
+    assert _exists(db, app, first.id)

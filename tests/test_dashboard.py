@@ -236,8 +236,21 @@ def test_without_auth_only_loopback_hosts_are_answered_and_bound(app: TaskPG, se
     assert client.get("/", Host="[::1]:8008").status == 200
     rebound = client.get("/api/queue/status", Host="attacker.example:8008")
     assert rebound.status == 403 and "loopback hosts only" in rebound.json()["error"]
+    assert client.get("/", X_Forwarded_For="203.0.113.9").status == 403  # through a proxy: refused
+    assert "through a proxy" in client.get("/api/queue/status", Forwarded="for=203.0.113.9").json()["error"]
     with pytest.raises(ConfigurationError, match="at least 16 characters"):
         Dashboard(app, token="short")
+
+
+def test_without_auth_a_connection_from_another_machine_is_refused_even_with_a_loopback_host(app: TaskPG) -> None:
+    started: list[str] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_HOST": "127.0.0.1:8008", "REMOTE_ADDR": "10.1.2.3"}
+    body = b"".join(Dashboard(app)(environ, lambda status, headers: started.append(status)))
+    assert started == ["403 Forbidden"] and b"from this machine only, not from 10.1.2.3" in body
+    with_auth: list[str] = []
+    environ["HTTP_AUTHORIZATION"] = f"Bearer {TOKEN}"
+    b"".join(Dashboard(app, token=TOKEN)(environ, lambda status, headers: with_auth.append(status)))
+    assert with_auth == ["200 OK"]  # with a token, any address may come in
 
 
 def test_token_and_basic_auth(served: Callable[..., Client]) -> None:
@@ -246,7 +259,8 @@ def test_token_and_basic_auth(served: Callable[..., Client]) -> None:
     assert client.get("/api/queue/status", Authorization="Bearer wrong-token-wrong-token").status == 401
     assert client.get("/api/queue/status", Authorization=f"Bearer {TOKEN}").status == 200
     first = client.get(f"/jobs?token={TOKEN}")
-    assert first.status == 303 and first.cookies["taskpg_token"] == TOKEN
+    kept = first.cookies["taskpg_token"]
+    assert first.status == 303 and re.fullmatch("[0-9a-f]{64}", kept) and TOKEN not in kept  # a digest, not the token
     assert client.get("/").status == 200  # the cookie now
 
     basic = served(basic_auth="ops:pa55word")
@@ -263,8 +277,10 @@ def test_mounted_under_a_prefix_in_wsgi_and_asgi(app: TaskPG, jobs: dict[str, An
     dashboard = Dashboard(app)
     started: list[Any] = []
     environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "/ops", "PATH_INFO": "/", "HTTP_HOST": "localhost"}
-    body = b"".join(dashboard(environ, lambda status, headers: started.append(status)))
-    assert started == ["200 OK"] and b'href="/ops/jobs?state=available&amp;queue=mail"' in body
+    body = b"".join(dashboard(environ, lambda status, headers: started.extend([status, headers])))
+    assert started[0] == "200 OK" and b'href="/ops/jobs?state=available&amp;queue=mail"' in body
+    cookies = [value for name, value in started[1] if name == "Set-Cookie"]
+    assert cookies and all("Path=/ops;" in c for c in cookies)  # the host app's pages never get them
 
     sent: list[dict[str, Any]] = []
 
@@ -284,6 +300,7 @@ def test_mounted_under_a_prefix_in_wsgi_and_asgi(app: TaskPG, jobs: dict[str, An
             "root_path": "/taskpg",
             "query_string": b"",
             "headers": [(b"host", b"127.0.0.1:8000")],
+            "client": ("127.0.0.1", 51000),
         }
         await asgi(dashboard)(scope, receive, send)
 

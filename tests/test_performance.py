@@ -85,7 +85,14 @@ def test_claim_uses_the_partial_claim_index(app: TaskPG, db: psycopg.Connection)
     text = plan(
         db,
         app.store.q.claim_jobs,
-        {"queues": ["default"], "limit": 100, "worker_id": "w", "fetch_limit": 2_000_000, "done_channel": "x"},
+        {
+            "queues": ["default"],
+            "limit": 100,
+            "worker_id": "w",
+            "fetch_limit": 2_000_000,
+            "done_channel": "x",
+            "jobs_channel": "y",
+        },
     )
     assert "jobs_claim_idx" in text
     assert '"Node Type": "Seq Scan"' not in text
