@@ -37,7 +37,7 @@ def test_the_demo_runs_again_on_its_schema_and_tells_how_to_look_around(
     command = shlex.split(line.split(":", 1)[1])  # as a shell reads it (a DSN with ? or & comes quoted)
     assert command[:2] == ["taskpg", "inspect"] and command[3:] == ["--schema", schema, "--dsn", pg_dsn], command
     assert db.execute(f'SELECT state FROM "{schema}".jobs WHERE id = %s', [command[2]]).fetchone() == ("dead",)
-    assert f"on {pg_dsn}" in second.stdout.splitlines()[0] and "embedded" not in second.stdout
+    assert f"on {pg_dsn}" in second.stdout.splitlines()[0] and "on the embedded Postgres" not in second.stdout
     assert len(second.stdout.splitlines()) < 15  # a short story at the default log level
     assert second.stderr == ""  # the worker's lines about the planned failures only with -l
     told = demo(pg_dsn, schema, "-l", "warning")
