@@ -168,14 +168,20 @@ async def alisten(
     arrived: asyncio.Queue[JobEvent | BaseException | None] = asyncio.Queue()
     stop = threading.Event()
 
+    def deliver(item: JobEvent | BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(arrived.put_nowait, item)
+        except RuntimeError:  # the consumer's loop closed before this thread saw the stop: nobody to tell
+            stop.set()
+
     def pump() -> None:
         try:
             for event in listen(store, queues, types, timeout, on_listening, stop):
-                loop.call_soon_threadsafe(arrived.put_nowait, event)
+                deliver(event)
         except BaseException as exc:  # raised in the consumer's task instead
-            loop.call_soon_threadsafe(arrived.put_nowait, exc)
+            deliver(exc)
             return
-        loop.call_soon_threadsafe(arrived.put_nowait, None)
+        deliver(None)
 
     thread = threading.Thread(target=pump, name="taskpg-events", daemon=True)
     thread.start()

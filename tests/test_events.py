@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -213,3 +214,29 @@ def test_the_async_variant_yields_the_same_events_without_blocking_the_loop(even
 
     got, ticks = asyncio.run(main())
     assert [e.type for e in got] == ["enqueued"] and ticks > 0
+
+
+def test_the_async_listener_thread_ends_quietly_when_its_loop_closed_first(
+    evented: TaskPG, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    raised: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+
+    async def main() -> None:
+        listening = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        stream = evented.aevents(on_listening=lambda: loop.call_soon_threadsafe(listening.set))
+        reader = asyncio.ensure_future(anext(stream))
+        await listening.wait()
+        reader.cancel()  # the generator's finally tells the pump thread to stop; the loop closes before it has
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await stream.aclose()
+
+    asyncio.run(main())
+    pumps = [t for t in threading.enumerate() if t.name == "taskpg-events"]
+    for pump in pumps:
+        pump.join(10)
+    assert not any(p.is_alive() for p in pumps) and raised == []
