@@ -625,18 +625,25 @@ LEFT JOIN LATERAL (SELECT detected_at, list_name, cause FROM {buffer_losses} ORD
     ON true
 """
 
-# Queue depths for metrics: one branch per state, each matching a partial index's predicate (claim,
-# scheduled, running, finished), so only the rows in that state are read, never the whole table.
-QUEUE_DEPTHS = """
+# Jobs per queue in the states that hold few rows (available, scheduled, running), each read through
+# the partial index whose predicate it matches (claim, scheduled, running), never the finished rows; for
+# available, the age of the oldest due job.
+BOUNDED_COUNTS = """
 SELECT queue, 'available', count(*), EXTRACT(EPOCH FROM now() - min(run_at))::float8
 FROM {jobs} WHERE state = 'available' GROUP BY queue
 UNION ALL
 SELECT queue, 'scheduled', count(*), NULL FROM {jobs} WHERE state = 'scheduled' GROUP BY queue
 UNION ALL
 SELECT queue, 'running', count(*), NULL FROM {jobs} WHERE state = 'running' GROUP BY queue
-UNION ALL
+"""
+
+# Queue depths for metrics: those, and the dead jobs through the finished index.
+QUEUE_DEPTHS = (
+    BOUNDED_COUNTS
+    + """UNION ALL
 SELECT queue, 'dead', count(*), NULL FROM {jobs} WHERE state = 'dead' GROUP BY queue
 """
+)
 
 # taskpg demo's mark on the schemas it creates: it never touches a schema without it.
 MARK_DEMO_SCHEMA = "COMMENT ON SCHEMA {schema} IS 'created by taskpg demo'"
@@ -645,21 +652,15 @@ SELECT coalesce(obj_description(n.oid, 'pg_namespace') = 'created by taskpg demo
 FROM pg_namespace AS n WHERE n.nspname = %(schema)s
 """
 
-# Jobs per queue in the states that hold few rows (available, scheduled, running), each read through
-# the partial index whose predicate it matches, never the finished rows; 'recent' counts the jobs that
-# finished (succeeded or dead) within %(window)s seconds, read from the finished index's newest end
-# (index-only: the index includes the queue). For available, the age of the oldest due job.
-QUEUE_COUNTS = """
-SELECT queue, 'available', count(*), EXTRACT(EPOCH FROM now() - min(run_at))::float8
-FROM {jobs} WHERE state = 'available' GROUP BY queue
-UNION ALL
-SELECT queue, 'scheduled', count(*), NULL FROM {jobs} WHERE state = 'scheduled' GROUP BY queue
-UNION ALL
-SELECT queue, 'running', count(*), NULL FROM {jobs} WHERE state = 'running' GROUP BY queue
-UNION ALL
+# The status API's counts: those, and 'recent': the jobs that finished (succeeded or dead) within
+# %(window)s seconds, read from the finished index's newest end (index-only: the index includes the queue).
+QUEUE_COUNTS = (
+    BOUNDED_COUNTS
+    + """UNION ALL
 SELECT queue, 'recent', count(*), NULL FROM {jobs}
 WHERE state IN ('succeeded', 'dead') AND finished_at > now() - %(window)s * interval '1 second' GROUP BY queue
 """
+)
 
 # Finished states can hold millions of rows, so they are counted in two steps. First, whether a state
 # holds more than %(cap)s rows, reading at most that many entries of the finished index.
