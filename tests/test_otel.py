@@ -55,10 +55,11 @@ def test_a_traceparent_set_at_enqueue_is_the_parent_of_the_consumer_span(
     with run_worker(app, pool=pool):
         assert handles[0].get(timeout=10) == 2 and handles[1].get(timeout=10) == 4
         handles[2].get(timeout=10, propagate=False)
-    finished = {s.name: s for s in spans.get_finished_spans()}
+    # Spans by (name, job id): two jobs of otel.coro finish in either order.
+    finished = {(s.name, (s.attributes or {}).get("messaging.message.id")): s for s in spans.get_finished_spans()}
     trace_id = request_span.get_span_context().trace_id
-    for task in ("otel.plain", "otel.coro"):
-        producer, consumer = finished[f"{task} publish"], finished[f"{task} process"]
+    for task, handle in (("otel.plain", handles[0]), ("otel.coro", handles[1]), ("otel.coro", handles[2])):
+        producer, consumer = finished[(f"{task} publish", handle.id)], finished[(f"{task} process", handle.id)]
         assert producer.kind == trace.SpanKind.PRODUCER and consumer.kind == trace.SpanKind.CONSUMER
         assert producer.parent is not None and producer.parent.span_id == request_span.get_span_context().span_id
         assert consumer.parent is not None and consumer.parent.span_id == producer.context.span_id
@@ -67,7 +68,7 @@ def test_a_traceparent_set_at_enqueue_is_the_parent_of_the_consumer_span(
     failed = [s for s in spans.get_finished_spans() if s.name == "otel.coro process" and not s.status.is_ok]
     assert len(failed) == 1 and failed[0].events[0].name == "exception"
     assert failed[0].attributes is not None and failed[0].attributes["taskpg.outcome"] == "failed"
-    plain_span = finished["otel.plain process"]
+    plain_span = finished[("otel.plain process", handles[0].id)]
     assert plain_span.attributes is not None and plain_span.attributes["taskpg.outcome"] == "succeeded"
     assert failed[0].attributes is not None and failed[0].attributes["messaging.message.id"] == handles[2].id
     app.close()
